@@ -1,0 +1,149 @@
+"""Typed schemas for the config nodes: a typo'd key or a wrong type fails at start, not deep in training."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sparse_peft import UserError
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 42
+    epochs: float = 3.0
+    max_steps: int = -1  # -1: use epochs
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0  # <= 0 disables clipping
+    grad_accum: int = 1
+    eval_every: int = -1  # steps; -1: at the end of every epoch
+    save_every: int = -1  # steps; -1: at the end of every epoch (resume checkpoint)
+    select: str = "best"  # which checkpoint metrics.json reports: best (by the task's selection metric) | last
+    output_dir: Optional[str] = None  # null: Hydra's run dir
+    overwrite: bool = False
+    resume: bool = True  # continue from <output_dir>/checkpoints/last when it exists
+    keep_checkpoints: bool = False  # keep checkpoints/ after a completed run
+    device: str = "auto"  # auto | cpu | cuda
+    progress_bar: bool = True
+    num_threads: int = 0  # torch intra-op threads; 0: torch's default
+
+
+@dataclass
+class DataConfig:
+    root: Optional[str] = None  # local data dir; null: $SPARSE_PEFT_DATA, else the Hugging Face hub
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    max_length: int = 128
+    pad_to_max_length: bool = False  # false: dynamic padding per batch
+    cache_dir: Optional[str] = None  # tokenised datasets; null: $HF_DATASETS_CACHE/sparse_peft
+    num_workers: int = 0
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "sparse_peft"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "minilm"
+    source: str = "package"  # package (weights inside a pip package) | hub | random (init from `config`)
+    path: str = ""  # package name, hub id or local dir
+    tokenizer: Optional[str] = None  # same syntax as path; null: same as path
+    arch: Optional[str] = None  # random init: a transformers model_type (bert, deberta-v2, ...)
+    config: dict = field(default_factory=dict)  # random init: config kwargs
+    modules: dict = field(default_factory=dict)  # role -> module-name pattern (query, key, ..., ffn_out)
+    head_modules: list = field(default_factory=lambda: ["classifier", "pooler"])
+    dtype: str = "float32"
+
+
+@dataclass
+class TaskConfig:
+    group: str = "glue"
+    name: str = "rte"
+    split_protocol: str = "glue"  # glue (train / GLUE dev) | sora (the SoRA paper's split)
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "none"
+
+
+CHOICES = {
+    ("trainer", "select"): ("best", "last"),
+    ("trainer", "device"): ("auto", "cpu", "cuda"),
+    ("task", "split_protocol"): ("glue", "sora"),
+    ("model", "source"): ("package", "hub", "random"),
+}
+
+
+def typed(node: Any, schema: type, where: str):
+    """Merge a config node into its schema and return the dataclass instance; one clear error otherwise."""
+    try:
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node or {}))
+    except OmegaConfBaseException as e:
+        key = f"{where}.{e.full_key}" if getattr(e, "full_key", None) else where
+        msg = str(e).splitlines()[0]
+        raise UserError(f"config `{key}`: {msg}; fix the key or value in configs/ or on the command line") from None
+    for (node_name, key), allowed in CHOICES.items():
+        if node_name == where and getattr(obj, key) not in allowed:
+            raise UserError(f"config `{where}.{key}={getattr(obj, key)}` is not one of {list(allowed)}")
+    return obj
+
+
+def check_positive(where: str, **values: float) -> None:
+    for key, value in values.items():
+        if value is None or value <= 0:
+            raise UserError(f"config `{where}.{key}` must be > 0, got {value}")
+
+
+@dataclass
+class RunConfig:
+    trainer: TrainerConfig
+    data: DataConfig
+    logger: LoggerConfig
+    model: ModelConfig
+    task: TaskConfig
+    scheduler: SchedulerConfig
+    method: Any  # the method's own dataclass, see sparse_peft.methods
+
+
+def load_run_config(cfg: DictConfig) -> RunConfig:
+    from sparse_peft.methods import method_config  # late import: methods import torch
+
+    run = RunConfig(
+        trainer=typed(cfg.get("trainer"), TrainerConfig, "trainer"),
+        data=typed(cfg.get("data"), DataConfig, "data"),
+        logger=typed(cfg.get("logger"), LoggerConfig, "logger"),
+        model=typed(cfg.get("model"), ModelConfig, "model"),
+        task=typed(cfg.get("task"), TaskConfig, "task"),
+        scheduler=typed(cfg.get("scheduler"), SchedulerConfig, "scheduler"),
+        method=method_config(cfg.get("method")),
+    )
+    t = run.trainer
+    check_positive("trainer", batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, lr=t.lr, grad_accum=t.grad_accum)
+    if t.max_steps <= 0:
+        check_positive("trainer", epochs=t.epochs)
+    if not 0 <= t.warmup_ratio < 1:
+        raise UserError(f"config `trainer.warmup_ratio` must be in [0, 1), got {t.warmup_ratio}")
+    check_positive("data", max_length=run.data.max_length)
+    if run.logger.wandb.mode not in ("offline", "online", "disabled"):
+        raise UserError(f"config `logger.wandb.mode={run.logger.wandb.mode}` is not one of offline, online, disabled")
+    if run.scheduler.name != "none":
+        raise UserError(f"scheduler `{run.scheduler.name}` is not available yet; use scheduler=none")
+    return run

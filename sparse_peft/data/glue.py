@@ -1,0 +1,196 @@
+"""GLUE: the nine tasks, read from local TSV/parquet files (with their quirks) or from the hub, and split.
+
+Labels use the integer ids of the hub's `nyu-mll/glue`, so local files and the hub give identical data.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import datasets
+import torch
+
+from sparse_peft import UserError
+
+HUB_ID = "nyu-mll/glue"
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    name: str
+    text_keys: tuple  # one or two text columns
+    num_labels: int  # 1 = regression
+    metric: str  # selection metric
+    label_names: tuple = ()  # TSV label strings in id order; empty: the TSV holds the integer / float label
+    # TSV: the column names (None = the file has no header and these are positional names)
+    tsv_columns: Optional[tuple] = None
+    tsv_rename: dict = field(default_factory=dict)  # TSV column -> hub column
+    validation_splits: tuple = ("validation",)  # GLUE dev split(s); the first one selects the checkpoint
+    sora_large: bool = False  # SoRA protocol: 1000 train examples become validation, dev becomes test
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+
+GLUE_TASKS = {
+    t.name: t
+    for t in [
+        GlueTask("cola", ("sentence",), 2, "matthews_correlation",
+                 tsv_columns=("source", "label", "original_label", "sentence")),
+        GlueTask("sst2", ("sentence",), 2, "accuracy", sora_large=True),
+        GlueTask("mrpc", ("sentence1", "sentence2"), 2, "f1",
+                 tsv_rename={"Quality": "label", "#1 String": "sentence1", "#2 String": "sentence2"}),
+        GlueTask("qqp", ("question1", "question2"), 2, "accuracy", sora_large=True,
+                 tsv_rename={"is_duplicate": "label"}),
+        GlueTask("stsb", ("sentence1", "sentence2"), 1, "pearson", tsv_rename={"score": "label"}),
+        GlueTask("mnli", ("premise", "hypothesis"), 3, "accuracy",
+                 label_names=("entailment", "neutral", "contradiction"),
+                 tsv_rename={"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label"},
+                 validation_splits=("validation_matched", "validation_mismatched")),
+        GlueTask("qnli", ("question", "sentence"), 2, "accuracy", label_names=("entailment", "not_entailment"),
+                 sora_large=True),
+        GlueTask("rte", ("sentence1", "sentence2"), 2, "accuracy", label_names=("entailment", "not_entailment")),
+        GlueTask("wnli", ("sentence1", "sentence2"), 2, "accuracy"),
+    ]
+}
+
+# Alternative file stems accepted for each split (the original GLUE release names dev files `dev*.tsv`).
+SPLIT_ALIASES = {
+    "validation": ("validation", "dev"),
+    "validation_matched": ("validation_matched", "dev_matched"),
+    "validation_mismatched": ("validation_mismatched", "dev_mismatched"),
+    "train": ("train",),
+    "test": ("test",),
+}
+
+
+def get_task(name: str) -> GlueTask:
+    if name not in GLUE_TASKS:
+        raise UserError(f"unknown GLUE task `{name}`; choose task=glue/<name> with name in {sorted(GLUE_TASKS)}")
+    return GLUE_TASKS[name]
+
+
+def _label_value(task: GlueTask, raw: str, where: str):
+    if task.is_regression:
+        try:
+            return float(raw)
+        except ValueError:
+            raise UserError(f"{where}: score `{raw}` is not a number; fix or remove the row") from None
+    if task.label_names:
+        if raw not in task.label_names:
+            raise UserError(f"{where}: label `{raw}` is not one of {list(task.label_names)}; fix or remove the row")
+        return task.label_names.index(raw)
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"{where}: label `{raw}` is not an integer; fix or remove the row") from None
+
+
+def read_glue_tsv(task: GlueTask, path: Path) -> datasets.Dataset:
+    """Read a GLUE TSV as the original loader does: tab-separated, no quoting (quotes are text), BOM stripped."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if task.tsv_columns is not None:
+        header, body, first_line = list(task.tsv_columns), rows, 1
+    elif rows:
+        header, body, first_line = rows[0], rows[1:], 2
+    else:
+        raise UserError(f"{path}: the file is empty; re-copy it from the GLUE release")
+    header = [task.tsv_rename.get(c, c) for c in header]
+    missing = [k for k in task.text_keys if k not in header]
+    if missing:
+        raise UserError(f"{path}: header {header} lacks column(s) {missing}; is this the {task.name} file?")
+    columns: dict[str, list] = {k: [] for k in task.text_keys}
+    columns["label"] = []
+    has_label = "label" in header
+    for i, row in enumerate(body):
+        where = f"{path}:{first_line + i}"
+        if len(row) != len(header):
+            raise UserError(f"{where}: malformed row with {len(row)} fields, expected {len(header)} "
+                            f"(tab-separated, no quoting); fix or remove that line")
+        rec = dict(zip(header, row))
+        for k in task.text_keys:
+            columns[k].append(rec[k])
+        # Unlabelled (test) files get -1, as the hub does.
+        columns["label"].append(_label_value(task, rec["label"], where) if has_label else -1)
+    features = datasets.Features({**{k: datasets.Value("string") for k in task.text_keys},
+                                  "label": datasets.Value("float32" if task.is_regression else "int64")})
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+def read_glue_file(task: GlueTask, path: Path) -> datasets.Dataset:
+    if path.suffix == ".tsv":
+        return read_glue_tsv(task, path)
+    ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    missing = [k for k in (*task.text_keys, "label") if k not in ds.column_names]
+    if missing:
+        raise UserError(f"{path}: columns {ds.column_names} lack {missing}; expected the hub's nyu-mll/glue parquet")
+    return ds.select_columns([*task.text_keys, "label"])
+
+
+def find_split_file(task_dir: Path, split: str) -> Optional[Path]:
+    for stem in SPLIT_ALIASES.get(split, (split,)):
+        for ext in (".parquet", ".tsv"):  # parquet first: typed, no quirks
+            if (task_dir / f"{stem}{ext}").is_file():
+                return task_dir / f"{stem}{ext}"
+    return None
+
+
+def data_root(root: Optional[str]) -> Optional[Path]:
+    root = root or os.environ.get("SPARSE_PEFT_DATA") or None
+    return Path(root).expanduser() if root else None
+
+
+def load_raw_glue(task: GlueTask, root: Optional[Path], splits: tuple) -> dict[str, datasets.Dataset]:
+    if root is not None:
+        task_dir = root / "glue" / task.name
+        if not task_dir.is_dir():
+            raise UserError(f"data directory {task_dir} does not exist; set data.root or SPARSE_PEFT_DATA to a "
+                            f"directory laid out as glue/<task>/<split>.tsv|parquet")
+        out = {}
+        for split in splits:
+            path = find_split_file(task_dir, split)
+            if path is None:
+                raise UserError(f"no `{split}` split for {task.name} in {task_dir} (looked for "
+                                f"{'/'.join(SPLIT_ALIASES.get(split, (split,)))}.parquet|tsv); add the file")
+            out[split] = read_glue_file(task, path)
+        return out
+    try:
+        hub = datasets.load_dataset(HUB_ID, task.name)
+    except Exception as e:  # no network, no cache: the datasets library raises many types here
+        raise UserError(f"cannot load {HUB_ID}/{task.name} from the Hugging Face hub ({type(e).__name__}); "
+                        f"set data.root or SPARSE_PEFT_DATA to a local GLUE directory") from None
+    return {split: hub[split] for split in splits}
+
+
+def _seeded_perm(n: int, seed: int = 42) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def load_glue(task_name: str, root: Optional[str], split_protocol: str) -> dict[str, datasets.Dataset]:
+    """Return {"train", "validation", "test"?, extra validation splits...} under the chosen split protocol.
+
+    glue: train / GLUE dev (MNLI: matched selects, mismatched is reported too); no test.
+    sora: (SoRA / OpenDelta processor, shuffles with torch.randperm seeded 42) small tasks: dev halved,
+          first half validation, second half test; large tasks (sst2, qnli, qqp): first 1000 of the
+          shuffled train set are validation, the rest train, the GLUE dev set is the test set.
+    """
+    task = get_task(task_name)
+    raw = load_raw_glue(task, data_root(root), ("train", *task.validation_splits))
+    dev_name = task.validation_splits[0]
+    if split_protocol == "glue":
+        return {"train": raw["train"], "validation": raw[dev_name],
+                **{s: raw[s] for s in task.validation_splits[1:]}}
+    if task.sora_large:
+        perm = _seeded_perm(len(raw["train"]))
+        return {"train": raw["train"].select(perm[1000:]), "validation": raw["train"].select(perm[:1000]),
+                "test": raw[dev_name]}
+    dev = raw[dev_name]
+    perm = _seeded_perm(len(dev))
+    half = len(dev) // 2
+    return {"train": raw["train"], "validation": dev.select(perm[:half]), "test": dev.select(perm[half:])}

@@ -1,0 +1,101 @@
+"""The small interface every method implements, and the registry.
+
+The training loop calls, in order: `apply` (once), `param_groups` (once), `regularization_loss` (every
+forward), `after_optimizer_step` (every step), `retained_params` (at every evaluation), `export` (at the end).
+Only `apply` is required; the defaults below fit a method whose trainable parameters are all it keeps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from sparse_peft import UserError
+from sparse_peft.config import typed
+from sparse_peft.models import head_module_names
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class MethodConfig:
+    name: str = ""
+    train_head: bool = True  # the task head (classifier, pooler) is trained for every method
+
+
+def method_config(node) -> MethodConfig:
+    name = (node or {}).get("name")
+    if name not in METHODS:
+        raise UserError(f"unknown method `{name}`; choose method=<name> with name in {sorted(METHODS)}")
+    cfg = typed(node, METHODS[name].config_cls, "method")
+    cfg.validate() if hasattr(cfg, "validate") else None
+    return cfg
+
+
+def build_method(cfg: MethodConfig, model_cfg) -> "Method":
+    return METHODS[cfg.name](cfg, model_cfg)
+
+
+def count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def no_decay(name: str) -> bool:
+    # Biases and LayerNorm weights get no weight decay (BERT convention).
+    return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or "norm.weight" in name
+
+
+class Method:
+    name: str = ""
+    config_cls: type = MethodConfig
+
+    def __init__(self, cfg, model_cfg):
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+
+    # --- required -------------------------------------------------------------------------------------
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Inject the method and set `requires_grad`; return the model to train."""
+        raise NotImplementedError
+
+    # --- optional hooks -------------------------------------------------------------------------------
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return [
+            {"params": [p for n, p in named if not no_decay(n)], "lr": lr, "weight_decay": weight_decay},
+            {"params": [p for n, p in named if no_decay(n)], "lr": lr, "weight_decay": 0.0},
+        ]
+
+    def regularization_loss(self, model: nn.Module) -> Optional[torch.Tensor]:
+        return None
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def retained_params(self, model: nn.Module) -> int:
+        """Parameters the adapted model needs after training, beyond the frozen base."""
+        return count(p for p in model.parameters() if p.requires_grad)
+
+    def export(self, model: nn.Module, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  str(out_dir / "trainable.safetensors"))
+
+    # --- shared helpers -------------------------------------------------------------------------------
+    def head_names(self, model: nn.Module) -> list[str]:
+        return head_module_names(model, list(self.model_cfg.head_modules)) if self.cfg.train_head else []
+
+    def freeze_except(self, model: nn.Module, keep) -> None:
+        """requires_grad only for parameters whose name `keep(name)` accepts, plus the task head."""
+        heads = self.head_names(model)
+        for n, p in model.named_parameters():
+            p.requires_grad = bool(keep(n)) or any(n.startswith(h + ".") for h in heads)

@@ -1,0 +1,131 @@
+"""What a run writes: its output dir, atomic JSON, curve.jsonl, resume checkpoints, wandb."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from sparse_peft import UserError
+
+CURVE_KEYS = ("step", "stage", "lambda", "retained_params", "eval", "train", "generalization", "memorization")
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def is_completed(out: Path) -> bool:
+    try:
+        return json.loads((out / "metrics.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError):
+        return False
+
+
+def prepare_output_dir(trainer_cfg, cfg) -> Path:
+    if trainer_cfg.output_dir:
+        out = Path(trainer_cfg.output_dir)
+    else:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            raise UserError("no output directory: set trainer.output_dir")
+        out = Path(HydraConfig.get().runtime.output_dir)
+    if is_completed(out):
+        if not trainer_cfg.overwrite:
+            raise UserError(f"{out} already holds a completed run; pass trainer.overwrite=true to re-run it "
+                            f"or choose another trainer.output_dir")
+    if trainer_cfg.overwrite:
+        for name in ("metrics.json", "curve.jsonl", "best.safetensors"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return out
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model, state: dict[str, torch.Tensor]) -> None:
+    missing = set(state) - {n for n, _ in model.named_parameters()}
+    if missing:
+        raise UserError(f"checkpoint holds parameters the model lacks ({sorted(missing)[:3]}...); "
+                        f"was it written with another method or model config?")
+    model.load_state_dict(state, strict=False)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    best_metric: Optional[float] = None
+    best_step: Optional[int] = None
+    train_time_s: float = 0.0
+    history: list = field(default_factory=list)  # eval records, also in curve.jsonl
+
+
+def save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, state: TrainState, best: Optional[dict]) -> None:
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp / "trainable.safetensors"))
+    if best is not None:
+        save_file({k: v.contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
+    (tmp / "state.json").write_text(json.dumps(asdict(state)))
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    os.replace(tmp, ckpt_dir)  # a checkpoint dir is either whole or absent
+
+
+def load_checkpoint(ckpt_dir: Path, model, optimizer, scheduler) -> tuple[TrainState, Optional[dict]]:
+    load_trainable(model, load_file(str(ckpt_dir / "trainable.safetensors")))
+    extra = torch.load(ckpt_dir / "optim.pt", weights_only=True)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["torch_rng"])
+    state = TrainState(**json.loads((ckpt_dir / "state.json").read_text()))
+    best_path = ckpt_dir / "best.safetensors"
+    return state, (load_file(str(best_path)) if best_path.exists() else None)
+
+
+class RunLogger:
+    """curve.jsonl (one line per evaluation), wandb (offline by default) and the Python log."""
+
+    def __init__(self, out: Path, logger_cfg, run_name: str, config: dict, resume_step: int):
+        self.curve_path = out / "curve.jsonl"
+        # On resume, drop evaluations written after the checkpoint we restart from.
+        if self.curve_path.exists():
+            lines = [ln for ln in self.curve_path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if json.loads(ln)["step"] <= resume_step] if resume_step else []
+            self.curve_path.write_text("".join(ln + "\n" for ln in kept))
+        self.wandb = None
+        w = logger_cfg.wandb
+        if w.mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(mode=w.mode, project=w.project, entity=w.entity, group=w.group, tags=list(w.tags),
+                                    name=run_name, config=config, dir=str(out), reinit="finish_previous")
+
+    def curve(self, record: dict) -> None:
+        with open(self.curve_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def log(self, values: dict, step: int) -> None:
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def finish(self, summary: dict) -> None:
+        if self.wandb is not None:
+            self.wandb.summary.update(summary)
+            self.wandb.finish()

@@ -1,0 +1,100 @@
+"""The training loop's guarantees: resume, refusal to overwrite, batch-size-free evaluation, NaN, selection."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sparse_peft.runio as runio
+from conftest import fast_overrides, make_cfg
+from sparse_peft import UserError
+from sparse_peft.train import train
+
+
+def run(out, data, *extra):
+    return train(make_cfg(fast_overrides(out, data, *extra)))
+
+
+def test_refuses_a_completed_dir_unless_overwrite(tmp_path, tiny_glue):
+    out = tmp_path / "run"
+    run(out, tiny_glue)
+    with pytest.raises(UserError, match="already holds a completed run; pass trainer.overwrite=true"):
+        run(out, tiny_glue)
+    assert run(out, tiny_glue, "trainer.overwrite=true")["status"] == "completed"
+    assert len((out / "curve.jsonl").read_text().splitlines()) == 2  # not appended to the old curve
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_glue, monkeypatch):
+    steps = ["trainer.max_steps=6", "trainer.save_every=2", "data.max_train_samples=24"]  # 3 batches of 8 = 1 epoch
+    ref = run(tmp_path / "ref", tiny_glue, *steps)
+
+    real_curve = runio.RunLogger.curve
+
+    def crash_at_5(self, record):
+        real_curve(self, record)
+        if record["step"] == 5:
+            raise Crash
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(runio.RunLogger, "curve", crash_at_5)
+    with pytest.raises(Crash):
+        run(out, tiny_glue, *steps)
+    assert not (out / "metrics.json").exists() and (out / "checkpoints" / "last").is_dir()
+    monkeypatch.setattr(runio.RunLogger, "curve", real_curve)
+    resumed = run(out, tiny_glue, *steps)  # picks up checkpoints/last (step 4), crosses an epoch boundary
+    assert resumed["eval"] == ref["eval"] and resumed["best_step"] == ref["best_step"]
+    a, b = load_file(str(tmp_path / "ref" / "best.safetensors")), load_file(str(out / "best.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert [json.loads(x)["step"] for x in (out / "curve.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert not (out / "checkpoints").exists()  # removed after success unless trainer.keep_checkpoints
+
+
+@pytest.mark.parametrize("task", ["rte", "stsb"])
+def test_evaluation_does_not_depend_on_eval_batch_size(tmp_path, tiny_glue, task):
+    a = run(tmp_path / "a", tiny_glue, f"task=glue/{task}", "trainer.eval_batch_size=1")
+    b = run(tmp_path / "b", tiny_glue, f"task=glue/{task}", "trainer.eval_batch_size=7")
+    # Every example is scored (no dropped batch) and metrics are per example, not per batch; padding to a
+    # different width only moves float32 rounding, which a near-constant tiny model's Pearson amplifies.
+    assert a["eval"] == pytest.approx(b["eval"], abs=1e-4)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_no_metrics(tmp_path, tiny_glue, monkeypatch):
+    from sparse_peft.methods.full import Full
+
+    calls = iter(range(100))
+    monkeypatch.setattr(Full, "regularization_loss", lambda self, m: torch.tensor(float("nan") if next(calls) == 1 else 0.0))
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="loss is nan at step 1; lower trainer.lr"):
+        run(out, tiny_glue, "method=full")
+    assert not (out / "metrics.json").exists()
+
+
+def test_metrics_keep_best_and_last(tmp_path, tiny_glue):
+    m = run(tmp_path / "r", tiny_glue, "trainer.max_steps=4", "trainer.select=last")
+    assert m["checkpoint"] == "last" and m["eval"] == m["eval_last"]
+    assert m["eval_best"]["accuracy"] >= max(0, m["eval_last"]["accuracy"] - 1)  # both kept
+    curve = [json.loads(x) for x in (tmp_path / "r" / "curve.jsonl").read_text().splitlines()]
+    assert m["eval_best"]["accuracy"] == max(c["eval"]["accuracy"] for c in curve)
+
+
+def test_sora_protocol_reports_a_test_split(tmp_path, tiny_glue):
+    m = run(tmp_path / "r", tiny_glue, "task.split_protocol=sora")
+    assert m["test"] is not None and "accuracy" in m["test"] and m["split_protocol"] == "sora"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+trainer.epoch=3", "Key 'epoch' not in 'TrainerConfig'"),
+    ("trainer.batch_size=abc", "batch_size"),
+    ("trainer.lr=-1", "trainer.lr` must be > 0"),
+    ("task.split_protocol=other", "is not one of"),
+    ("method.lora_r=0", "lora_r` must be >= 1"),
+    ("+method.lora_rank=4", "Key 'lora_rank' not in"),
+])
+def test_config_errors_fail_at_start(tmp_path, tiny_glue, override, message):
+    with pytest.raises(UserError, match=message):
+        run(tmp_path / "r", tiny_glue, override)
+    assert not (tmp_path / "r" / "metrics.json").exists()
