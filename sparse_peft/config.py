@@ -41,6 +41,7 @@ class DataConfig:
     max_eval_samples: Optional[int] = None
     max_length: int = 128
     pad_to_max_length: bool = False  # false: dynamic padding per batch
+    group_by_length: bool = True  # training batches of similar length (shuffled mega-batches), as HF's group_by_length
     cache_dir: Optional[str] = None  # tokenised datasets; null: $HF_DATASETS_CACHE/sparse_peft
     num_workers: int = 0
 

@@ -22,7 +22,7 @@ from transformers import get_linear_schedule_with_warmup, set_seed
 
 from sparse_peft import UserError
 from sparse_peft.config import load_run_config
-from sparse_peft.data import build_task_data, make_loader
+from sparse_peft.data import build_task_data, eval_loader, lengths, make_loader, train_order
 from sparse_peft.methods import build_method
 from sparse_peft.methods.base import count
 from sparse_peft.metrics import glue_metrics
@@ -70,9 +70,9 @@ def train(cfg: DictConfig) -> dict:
         log.info("resumed from %s at step %d", ckpt_dir, state.step)
     logger = RunLogger(out, run.logger, f"{run.method.name}-{run.task.name}-seed{t.seed}",
                        OmegaConf.to_container(cfg, resolve=True), state.step)
-    eval_loaders = {name: make_loader(ds, data.collator, t.eval_batch_size, shuffle=False)
-                    for name, ds in data.eval_splits.items()}
+    eval_loaders = {name: eval_loader(ds, data.collator, t.eval_batch_size) for name, ds in data.eval_splits.items()}
     metric = data.task.metric
+    train_lengths = lengths(data.train)
 
     def evaluate_and_record(loss_sum: float, loss_n: int) -> None:
         nonlocal best
@@ -96,10 +96,9 @@ def train(cfg: DictConfig) -> dict:
     loss_sum, loss_n, start = 0.0, 0, time.perf_counter()
     while state.step < total_steps:
         epoch, done_in_epoch = divmod(state.step, steps_per_epoch)
-        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(t.seed * 1000 + epoch))
-        order = order[done_in_epoch * t.grad_accum * t.batch_size:].tolist()  # resume mid-epoch
-        loader = make_loader(data.train, data.collator, t.batch_size, shuffle=False, sampler=order,
-                             num_workers=run.data.num_workers)
+        order = train_order(train_lengths, t.batch_size, t.seed * 1000 + epoch, run.data.group_by_length)
+        order = order[done_in_epoch * t.grad_accum * t.batch_size:]  # resume mid-epoch
+        loader = make_loader(data.train, data.collator, t.batch_size, order, run.data.num_workers)
         for i, batch in enumerate(loader):
             batch = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
             loss = model(**batch).loss

@@ -1,4 +1,5 @@
 """Bad input through the real command line: one clear line, non-zero exit, no metrics.json."""
+import json
 import os
 import subprocess
 import sys
@@ -41,3 +42,14 @@ def test_cli_runs_and_refuses_a_completed_dir(tmp_path, tiny_glue):
     assert (tmp_path / "out" / "metrics.json").exists() and (tmp_path / "out" / "config.yaml").exists()
     r = cli(tmp_path, *args)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "overwrite" in r.stderr
+
+
+def test_multirun_gives_each_job_its_own_dir(tmp_path, tiny_glue):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    r = subprocess.run([sys.executable, "-m", "sparse_peft.train", "-m", f"hydra.sweep.dir={tmp_path}", "model=tiny_bert",
+                        f"data.root={tiny_glue}", "trainer.max_steps=1", "trainer.batch_size=8", "trainer.progress_bar=false",
+                        "logger.wandb.mode=disabled", "trainer.seed=1,2"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    seeds = sorted(json.loads(p.read_text())["seed"] for p in tmp_path.glob("*/metrics.json"))
+    assert seeds == [1, 2]

