@@ -58,8 +58,7 @@ def train(cfg: DictConfig) -> dict:
     batches_per_epoch = math.ceil(len(data.train) / t.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
-    optimizer = torch.optim.AdamW(method.param_groups(model, t.lr, t.weight_decay), lr=t.lr)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(t.warmup_ratio * total_steps), total_steps)
+    optimizer, scheduler = build_optimizer(model, method, t, total_steps)
     eval_every = t.eval_every if t.eval_every > 0 else steps_per_epoch
     save_every = t.save_every if t.save_every > 0 else steps_per_epoch
 
@@ -100,23 +99,12 @@ def train(cfg: DictConfig) -> dict:
         order = order[done_in_epoch * t.grad_accum * t.batch_size:]  # resume mid-epoch
         loader = make_loader(data.train, data.collator, t.batch_size, order, run.data.num_workers)
         for i, batch in enumerate(loader):
-            batch = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
-            loss = model(**batch).loss
-            reg = method.regularization_loss(model)
-            if reg is not None:
-                loss = loss + reg
-            if not torch.isfinite(loss):
-                raise UserError(f"loss is {loss.item()} at step {state.step}; lower trainer.lr or set trainer.max_grad_norm")
+            loss = forward_loss(model, method, {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}, state.step)
             (loss / t.grad_accum).backward()
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
             if (i + 1) % t.grad_accum and i + 1 < len(loader):
                 continue
-            if t.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], t.max_grad_norm)
-            optimizer.step()
-            method.after_optimizer_step(model, state.step)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, method, optimizer, scheduler, t.max_grad_norm, state.step)
             state.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -156,6 +144,33 @@ def train(cfg: DictConfig) -> dict:
     write_json_atomic(out / "metrics.json", metrics)  # last: its presence marks the run complete
     log.info("done: %s -> %s", metrics["eval"], out)
     return metrics
+
+
+def build_optimizer(model, method, t, total_steps: int):
+    """AdamW over the method's parameter groups, linear warmup then linear decay to 0."""
+    optimizer = torch.optim.AdamW(method.param_groups(model, t.lr, t.weight_decay), lr=t.lr)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, math.ceil(t.warmup_ratio * total_steps), total_steps)
+
+
+def forward_loss(model, method, batch: dict, step: int) -> torch.Tensor:
+    """Task loss plus the method's regulariser (e.g. SoRA's L1 on gates); a NaN/inf loss stops the run."""
+    loss = model(**batch).loss
+    reg = method.regularization_loss(model)
+    if reg is not None:
+        loss = loss + reg
+    if not torch.isfinite(loss):
+        raise UserError(f"loss is {loss.item()} at step {step}; lower trainer.lr or set trainer.max_grad_norm")
+    return loss
+
+
+def optimizer_step(model, method, optimizer, scheduler, max_grad_norm: float, step: int) -> None:
+    # Clipping covers every optimised parameter, including groups a method adds (SoRA's gates).
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+    optimizer.step()
+    method.after_optimizer_step(model, step)  # e.g. a proximal step, a mask update
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()

@@ -1,0 +1,105 @@
+"""Shared helpers for the benchmarks: compose the project's Hydra config and build a run with the functions
+sparse_peft/train.py uses (build_optimizer, forward_loss, optimizer_step), so the timed step is train.py's."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from sparse_peft.config import load_run_config
+from sparse_peft.data import build_task_data, make_loader  # noqa: F401  (re-exported for the scripts)
+from sparse_peft.methods import build_method
+from sparse_peft.models import build_model, load_tokenizer
+from sparse_peft.train import MODEL_INPUTS, build_optimizer, forward_loss, optimizer_step
+
+REPO = Path(__file__).resolve().parents[1]
+BACKGROUND_NOTE = ("measured on a 2-core CPU box while a long training job ran in the background at nice 10; "
+                   "absolute seconds are inflated and noisy, ratios are taken side by side in one process")
+
+
+def base_args(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--data-root", default=None, help="GLUE root (default: $SPARSE_PEFT_DATA)")
+    p.add_argument("--note", default=BACKGROUND_NOTE, help="free text stored in the JSON")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    return p
+
+
+def setup(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+
+def run_config(overrides: list[str], args):
+    """`load_run_config` on `configs/config.yaml` composed with `overrides` (no Hydra run dir, no wandb)."""
+    base = ["model=minilm", "method=lora", "task=glue/rte", "logger.wandb.mode=disabled",
+            f"trainer.seed={args.seed}", "trainer.progress_bar=false"]
+    if args.data_root:
+        base.append(f"data.root={args.data_root}")
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=base + overrides)
+    return load_run_config(cfg)
+
+
+def build_ours(run, data, vocab_size: int, seed: int):
+    """Model, method, optimizer and scheduler exactly as train.py builds them (device: CPU)."""
+    t = run.trainer
+    torch.manual_seed(seed)
+    model = build_model(run.model, data.task.num_labels, vocab_size)
+    method = build_method(run.method, run.model)
+    model = method.apply(model)
+    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * math.ceil(len(data.train) / t.batch_size))
+    optimizer, scheduler = build_optimizer(model, method, t, total_steps)
+    model.train()
+    return model, method, optimizer, scheduler
+
+
+def load_data(run):
+    """(TaskData, vocab size) as train.py gets them."""
+    tokenizer = load_tokenizer(run.model)
+    return build_task_data(run.task, run.data, tokenizer), len(tokenizer)
+
+
+def train_step(model, method, optimizer, scheduler, batch, run, step: int) -> float:
+    """One optimisation step as train.py's loop runs it (grad_accum=1, CPU, no tqdm)."""
+    batch = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    loss = forward_loss(model, method, batch, step)
+    loss.backward()
+    value = loss.item()  # train.py accumulates loss.item() for its log
+    optimizer_step(model, method, optimizer, scheduler, run.trainer.max_grad_norm, step)
+    return value
+
+
+def median(xs) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def bootstrap_ratio_ci(a, b, n: int = 2000, seed: int = 0) -> list[float]:
+    """95% bootstrap interval of median(a) / median(b), resampling a and b independently."""
+    rng = random.Random(seed)
+    rs = sorted(median(rng.choices(a, k=len(a))) / median(rng.choices(b, k=len(b))) for _ in range(n))
+    return [rs[int(0.025 * n)], rs[int(0.975 * n) - 1]]
+
+
+def emit(result: dict, out: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+
+
+def environment(args) -> dict:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "python": sys.version.split()[0], "seed": args.seed}
