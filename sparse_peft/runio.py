@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -13,8 +13,6 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from sparse_peft import UserError
-
-CURVE_KEYS = ("step", "stage", "lambda", "retained_params", "eval", "train", "generalization", "memorization")
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -70,7 +68,6 @@ class TrainState:
     best_metric: Optional[float] = None
     best_step: Optional[int] = None
     train_time_s: float = 0.0
-    history: list = field(default_factory=list)  # eval records, also in curve.jsonl
 
 
 def save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, state: TrainState, best: Optional[dict]) -> None:

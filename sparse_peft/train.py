@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -83,7 +84,6 @@ def train(cfg: DictConfig) -> dict:
         logger.curve(record)
         logger.log({"train/loss": record["train_loss"], "train/lr": record["lr"],
                     "sparsity/retained_params": retained, **{f"eval/{k}": v for k, v in scores.items()}}, state.step)
-        state.history.append(record)
         if state.best_metric is None or scores[metric] > state.best_metric:
             state.best_metric, state.best_step, best = scores[metric], state.step, trainable_state(model)
         log.info("step %d: %s (retained %d)", state.step, scores, retained)
@@ -138,8 +138,6 @@ def train(cfg: DictConfig) -> dict:
     }
     logger.finish({f"final/{k}": v for k, v in chosen["eval"].items()})
     if not t.keep_checkpoints:
-        import shutil
-
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     write_json_atomic(out / "metrics.json", metrics)  # last: its presence marks the run complete
     log.info("done: %s -> %s", metrics["eval"], out)
