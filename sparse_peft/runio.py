@@ -90,7 +90,8 @@ def load_checkpoint(ckpt_dir: Path, model, optimizer, scheduler) -> tuple[TrainS
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["torch_rng"])
-    state = TrainState(**json.loads((ckpt_dir / "state.json").read_text()))
+    saved = json.loads((ckpt_dir / "state.json").read_text())
+    state = TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
     best_path = ckpt_dir / "best.safetensors"
     return state, (load_file(str(best_path)) if best_path.exists() else None)
 
