@@ -26,9 +26,9 @@ def test_lora_on_real_rte(tmp_path, shared_data):
 
 
 def test_lora_learns_real_stsb(tmp_path, shared_data):
-    # 40 LoRA steps already give MiniLM a clear correlation with the gold similarity scores.
-    m = minilm(tmp_path, shared_data, "method=lora", "task=glue/stsb", "trainer.max_steps=40", "trainer.batch_size=16",
-               "trainer.lr=2e-3", "trainer.eval_every=40", "data.max_eval_samples=400")
+    # 60 LoRA steps already give MiniLM a clear correlation with the gold similarity scores.
+    m = minilm(tmp_path, shared_data, "method=lora", "task=glue/stsb", "trainer.max_steps=60", "trainer.batch_size=16",
+               "trainer.lr=2e-3", "trainer.eval_every=30", "data.max_eval_samples=400")
     curve = [json.loads(x) for x in (tmp_path / "run" / "curve.jsonl").read_text().splitlines()]
-    assert m["eval"]["pearson"] > 0.3, m["eval"]  # 0.38 measured; the untrained head scores near 0
+    assert m["eval"]["pearson"] > 0.5, m["eval"]  # 0.69 measured here
     assert curve[-1]["train_loss"] < 5.0
