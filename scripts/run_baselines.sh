@@ -18,7 +18,10 @@ for task in $tasks; do
   extra=""; [ "$task" = sst2 ] && extra="data.max_train_samples=10000"
   for method in lora full bitfit adapter; do
     out=$root/$task/$method/seed42
-    if grep -qs '"status": "completed"' "$out/metrics.json"; then echo "skip $out"; continue; fi
+    # Completed here, or already committed under results/ by scripts/update_results.sh: skip.
+    if grep -qs '"status": "completed"' "$out/metrics.json" "results/baselines/$task/$method/seed42/metrics.json"; then
+      echo "skip $out"; continue
+    fi
     cmd="python -m sparse_peft.train method=$method task=glue/$task model=minilm trainer.seed=42 trainer.epochs=3 \
 trainer.batch_size=32 data.max_length=128 ${args[$method]} $extra logger.wandb.mode=offline \
 trainer.progress_bar=false trainer.output_dir=$out"

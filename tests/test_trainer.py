@@ -98,3 +98,10 @@ def test_config_errors_fail_at_start(tmp_path, tiny_glue, override, message):
     with pytest.raises(UserError, match=message):
         run(tmp_path / "r", tiny_glue, override)
     assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_wandb_offline_by_default_writes_a_local_run(tmp_path, tiny_glue, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    out = tmp_path / "r"
+    run(out, tiny_glue, "logger.wandb.mode=offline")
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb")), "an offline run to `wandb sync` later"
