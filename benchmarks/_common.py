@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import statistics
@@ -18,7 +17,7 @@ from sparse_peft.config import load_run_config
 from sparse_peft.data import build_task_data, make_loader  # noqa: F401  (re-exported for the scripts)
 from sparse_peft.methods import build_method
 from sparse_peft.models import build_model, load_tokenizer
-from sparse_peft.train import MODEL_INPUTS, build_optimizer, forward_loss, optimizer_step
+from sparse_peft.train import MODEL_INPUTS, build_optimizer, forward_loss, optimizer_step, plan_steps
 
 REPO = Path(__file__).resolve().parents[1]
 BACKGROUND_NOTE = ("measured on a 2-core CPU box while a long training job ran in the background at nice 10; "
@@ -57,10 +56,10 @@ def build_ours(run, data, vocab_size: int, seed: int):
     t = run.trainer
     torch.manual_seed(seed)
     model = build_model(run.model, data.task.num_labels, vocab_size)
-    method = build_method(run.method, run.model)
+    stages, _ = plan_steps(run, len(data.train))
+    method = build_method(run.method, run.model, stages[-1].end)
     model = method.apply(model)
-    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * math.ceil(len(data.train) / t.batch_size))
-    optimizer, scheduler = build_optimizer(model, method, t, total_steps)
+    optimizer, scheduler = build_optimizer(model, method, t, stages, run.scheduler.restart_lr)
     model.train()
     return model, method, optimizer, scheduler
 

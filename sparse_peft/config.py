@@ -82,7 +82,12 @@ class TaskConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: str = "none"
+    name: str = "none"  # none | linear | log_linear | exp_linear (SoRA's xi schedules, sparse_peft/schedulers.py)
+    max_lambda: float = 7e-4
+    lambda_num: int = 7
+    stage_epochs: float = 15.0
+    restart_lr: bool = True
+    train_subset: int = 1000
 
 
 CHOICES = {
@@ -145,6 +150,24 @@ def load_run_config(cfg: DictConfig) -> RunConfig:
     check_positive("data", max_length=run.data.max_length)
     if run.logger.wandb.mode not in ("offline", "online", "disabled"):
         raise UserError(f"config `logger.wandb.mode={run.logger.wandb.mode}` is not one of offline, online, disabled")
-    if run.scheduler.name != "none":
-        raise UserError(f"scheduler `{run.scheduler.name}` is not available yet; use scheduler=none")
+    check_scheduler(run)
     return run
+
+
+def check_scheduler(run: RunConfig) -> None:
+    from sparse_peft.methods import METHODS
+    from sparse_peft.schedulers import SCHEDULES, lambda_values
+
+    s = run.scheduler
+    if s.name not in SCHEDULES:
+        raise UserError(f"unknown scheduler `{s.name}`; choose scheduler=<name> with name in {list(SCHEDULES)}")
+    if s.name == "none":
+        return
+    if not hasattr(METHODS[run.method.name], "set_threshold"):
+        raise UserError(f"scheduler={s.name} raises a sparsity threshold in stages; method={run.method.name} has none "
+                        f"(use method=sora, or scheduler=none)")
+    if s.max_lambda < 0 or s.lambda_num < 1:
+        raise UserError(f"config `scheduler.max_lambda` must be >= 0 and `scheduler.lambda_num` >= 1, "
+                        f"got {s.max_lambda} and {s.lambda_num}")
+    check_positive("scheduler", stage_epochs=s.stage_epochs, train_subset=s.train_subset)
+    lambda_values(s.name, run.method.sparse_lambda_2, s.max_lambda, s.lambda_num)  # exp_linear: xi0 > 0

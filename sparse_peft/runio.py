@@ -42,9 +42,10 @@ def prepare_output_dir(trainer_cfg, cfg) -> Path:
             raise UserError(f"{out} already holds a completed run; pass trainer.overwrite=true to re-run it "
                             f"or choose another trainer.output_dir")
     if trainer_cfg.overwrite:
-        for name in ("metrics.json", "curve.jsonl", "best.safetensors"):
+        for name in ("metrics.json", "curve.jsonl", "model.safetensors"):
             (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for name in ("checkpoints", "stages"):
+            shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return out
@@ -65,9 +66,13 @@ def load_trainable(model, state: dict[str, torch.Tensor]) -> None:
 @dataclass
 class TrainState:
     step: int = 0
-    best_metric: Optional[float] = None
-    best_step: Optional[int] = None
+    best_metric: Optional[float] = None  # the selection metric of the best checkpoint of stage 0 (the whole run
+    best_step: Optional[int] = None  # when there is no sparsifying scheduler)
     train_time_s: float = 0.0
+    stage: int = 0  # scheduler stage being trained
+    stage_best: Optional[dict] = None  # the current stage's best evaluation record
+    stage0_eval: Optional[float] = None  # stage 0's best validation / training-subset metric: the 100% of
+    stage0_train: Optional[float] = None  # SoRA's generalization / memorization curves
 
 
 def save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, state: TrainState, best: Optional[dict]) -> None:
@@ -118,6 +123,11 @@ class RunLogger:
     def curve(self, record: dict) -> None:
         with open(self.curve_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def records(self, kind: str) -> list[dict]:
+        """The curve's records of one type (`eval` or `stage`), resumed runs included."""
+        lines = self.curve_path.read_text().splitlines() if self.curve_path.exists() else []
+        return [r for r in map(json.loads, filter(str.strip, lines)) if r.get("type") == kind]
 
     def log(self, values: dict, step: int) -> None:
         if self.wandb is not None:

@@ -17,17 +17,18 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup, set_seed
+from transformers import set_seed
 
 from sparse_peft import UserError
 from sparse_peft.config import load_run_config
-from sparse_peft.data import build_task_data, eval_loader, lengths, make_loader, train_order
+from sparse_peft.data import build_task_data, eval_loader, lengths, make_loader, subset, train_order
 from sparse_peft.methods import build_method
 from sparse_peft.methods.base import count
 from sparse_peft.metrics import glue_metrics
 from sparse_peft.models import build_model, load_tokenizer
+from sparse_peft.schedulers import Stage, lr_schedule, stage_plan
 from sparse_peft.runio import (RunLogger, TrainState, load_checkpoint, load_trainable, prepare_output_dir,
                                save_checkpoint, trainable_state, write_json_atomic)
 
@@ -44,22 +45,21 @@ def train(cfg: DictConfig) -> dict:
     device = pick_device(t.device)
     set_seed(t.seed)
 
-    # ---- model, data, method -------------------------------------------------------------------------
+    # ---- data, model, stages, method -----------------------------------------------------------------
     tokenizer = load_tokenizer(run.model)
     data = build_task_data(run.task, run.data, tokenizer)
     model = build_model(run.model, data.task.num_labels, len(tokenizer))
     total_params = count(model.parameters())
-    method = build_method(run.method, run.model)
+    stages, steps_per_epoch = plan_steps(run, len(data.train))
+    total_steps, staged = stages[-1].end, len(stages) > 1
+    method = build_method(run.method, run.model, total_steps)
     model = method.apply(model).to(device)
     trainable_params = count(p for p in model.parameters() if p.requires_grad)
-    log.info("%s on %s/%s: %d trainable of %d parameters", run.method.name, run.task.group, run.task.name,
-             trainable_params, total_params)
+    log.info("%s on %s/%s: %d trainable of %d parameters, %d steps in %d stage(s)", run.method.name,
+             run.task.group, run.task.name, trainable_params, total_params, total_steps, len(stages))
 
     # ---- optimisation --------------------------------------------------------------------------------
-    batches_per_epoch = math.ceil(len(data.train) / t.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
-    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
-    optimizer, scheduler = build_optimizer(model, method, t, total_steps)
+    optimizer, scheduler = build_optimizer(model, method, t, stages, run.scheduler.restart_lr)
     eval_every = t.eval_every if t.eval_every > 0 else steps_per_epoch
     save_every = t.save_every if t.save_every > 0 else steps_per_epoch
 
@@ -71,22 +71,46 @@ def train(cfg: DictConfig) -> dict:
     logger = RunLogger(out, run.logger, f"{run.method.name}-{run.task.name}-seed{t.seed}",
                        OmegaConf.to_container(cfg, resolve=True), state.step)
     eval_loaders = {name: eval_loader(ds, data.collator, t.eval_batch_size) for name, ds in data.eval_splits.items()}
+    # Staged runs also score a fixed training subset: the `memorization` curve.
+    probe = eval_loader(subset(data.train, run.scheduler.train_subset), data.collator, t.eval_batch_size) if staged else None
     metric = data.task.metric
     train_lengths = lengths(data.train)
+    stage_file = lambda k: out / "stages" / f"stage{k}.safetensors"  # noqa: E731  best weights of each stage
 
-    def evaluate_and_record(loss_sum: float, loss_n: int) -> None:
+    def evaluate_and_record(stage: Stage, loss_sum: float, loss_n: int) -> None:
         nonlocal best
         scores = evaluate(model, eval_loaders["validation"], data.task, device)
-        retained = method.retained_params(model)
-        record = {"step": state.step, "epoch": state.step / steps_per_epoch, "stage": 0, "lambda": None,
-                  "retained_params": retained, "eval": scores, "train": None, "generalization": None,
-                  "memorization": None, "train_loss": loss_sum / max(loss_n, 1), "lr": scheduler.get_last_lr()[0]}
+        train_scores = evaluate(model, probe, data.task, device) if probe else None
+        retained, ranks = method.retained_params(model), method.ranks(model)
+        record = {"type": "eval", "step": state.step, "epoch": state.step / steps_per_epoch, "stage": stage.index,
+                  "lambda": stage.xi, "retained_params": retained, "eval": scores, "train": train_scores,
+                  "generalization": percent_of(scores[metric], state.stage0_eval),
+                  "memorization": percent_of(train_scores and train_scores[metric], state.stage0_train),
+                  "train_loss": loss_sum / max(loss_n, 1), "lr": scheduler.get_last_lr()[0], "ranks": ranks}
         logger.curve(record)
-        logger.log({"train/loss": record["train_loss"], "train/lr": record["lr"],
-                    "sparsity/retained_params": retained, **{f"eval/{k}": v for k, v in scores.items()}}, state.step)
-        if state.best_metric is None or scores[metric] > state.best_metric:
-            state.best_metric, state.best_step, best = scores[metric], state.step, trainable_state(model)
-        log.info("step %d: %s (retained %d)", state.step, scores, retained)
+        logger.log({"train/loss": record["train_loss"], "train/lr": record["lr"], "sparsity/retained_params": retained,
+                    "sparsity/stage": stage.index, **{f"eval/{k}": v for k, v in scores.items()},
+                    **{f"train_subset/{k}": v for k, v in (train_scores or {}).items()}}, state.step)
+        if state.stage_best is None or scores[metric] > state.stage_best["eval"][metric]:
+            state.stage_best = {k: record[k] for k in ("step", "eval", "train", "retained_params", "ranks")}
+            if stage.index == 0:
+                state.best_metric, state.best_step, best = scores[metric], state.step, trainable_state(model)
+            if staged:
+                stage_file(stage.index).parent.mkdir(exist_ok=True)
+                save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(stage_file(stage.index)))
+        log.info("step %d (stage %d): %s (retained %d)", state.step, stage.index, scores, retained)
+
+    def end_stage(stage: Stage) -> None:
+        """Record the stage's best checkpoint and continue the next stage from it (Algorithm 1)."""
+        rec = state.stage_best
+        if stage.index == 0:
+            state.stage0_eval, state.stage0_train = rec["eval"][metric], rec["train"][metric]
+        logger.curve({"type": "stage", "step": state.step, "best_step": rec["step"], "stage": stage.index,
+                      "lambda": stage.xi, "retained_params": rec["retained_params"], "eval": rec["eval"],
+                      "train": rec["train"], "generalization": percent_of(rec["eval"][metric], state.stage0_eval),
+                      "memorization": percent_of(rec["train"][metric], state.stage0_train), "ranks": rec["ranks"]})
+        load_trainable(model, load_file(str(stage_file(stage.index))))
+        state.stage, state.stage_best = state.stage + 1, None
 
     # ---- training loop -------------------------------------------------------------------------------
     model.train()
@@ -94,6 +118,9 @@ def train(cfg: DictConfig) -> dict:
                disable=not t.progress_bar, dynamic_ncols=True)
     loss_sum, loss_n, start = 0.0, 0, time.perf_counter()
     while state.step < total_steps:
+        stage = stages[state.stage]
+        if stage.xi is not None:
+            method.set_threshold(stage.xi)
         epoch, done_in_epoch = divmod(state.step, steps_per_epoch)
         order = train_order(train_lengths, t.batch_size, t.seed * 1000 + epoch, run.data.group_by_length)
         order = order[done_in_epoch * t.grad_accum * t.batch_size:]  # resume mid-epoch
@@ -108,22 +135,28 @@ def train(cfg: DictConfig) -> dict:
             state.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            if state.step % eval_every == 0 or state.step == total_steps:
+            if state.step % eval_every == 0 or state.step == stage.end:
                 state.train_time_s += time.perf_counter() - start
-                evaluate_and_record(loss_sum, loss_n)
+                evaluate_and_record(stage, loss_sum, loss_n)
                 loss_sum, loss_n, start = 0.0, 0, time.perf_counter()
+            if staged and state.step == stage.end:
+                end_stage(stage)
             if state.step % save_every == 0 and state.step < total_steps:
                 save_checkpoint(ckpt_dir, model, optimizer, scheduler, state, best)
-            if state.step >= total_steps:
+            if state.step >= stage.end:
                 break
     bar.close()
 
-    # ---- final evaluation: last and best checkpoints on every split ----------------------------------
+    # ---- final evaluation: last and best (stage 0) checkpoints on every split ------------------------
     last = evaluate_splits(model, eval_loaders, data.task, device)
+    last_weights = trainable_state(model)
     load_trainable(model, best)
     best_scores = evaluate_splits(model, eval_loaders, data.task, device)
-    save_file({k: v.contiguous() for k, v in best.items()}, str(out / "best.safetensors"))
     chosen = best_scores if t.select == "best" else last
+    if t.select == "last":
+        load_trainable(model, last_weights)
+    # The weights metrics.json reports, for `python -m sparse_peft.export`.
+    save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(out / "model.safetensors"))
     metrics = {
         "method": run.method.name, "task": run.task.name, "model": run.model.name, "seed": t.seed,
         "eval": chosen["eval"], "test": chosen["test"], "checkpoint": t.select,
@@ -131,10 +164,11 @@ def train(cfg: DictConfig) -> dict:
         "eval_best": best_scores["eval"], "test_best": best_scores["test"],
         "eval_last": last["eval"], "test_last": last["test"],
         "total_params": total_params, "trainable_params": trainable_params,
-        "retained_params": method.retained_params(model),
+        "retained_params": method.retained_params(model), "ranks": method.ranks(model),
         "steps": state.step, "epochs": state.step / steps_per_epoch, "train_time_s": round(state.train_time_s, 2),
         "peak_memory_mb": round(peak_memory_mb(device), 1), "split_protocol": run.task.split_protocol,
-        "train_examples": len(data.train), "status": "completed",
+        "train_examples": len(data.train), "stages": logger.records("stage") if staged else None,
+        "status": "completed",
     }
     logger.finish({f"final/{k}": v for k, v in chosen["eval"].items()})
     if not t.keep_checkpoints:
@@ -144,10 +178,23 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
-def build_optimizer(model, method, t, total_steps: int):
-    """AdamW over the method's parameter groups, linear warmup then linear decay to 0."""
+def percent_of(value, reference):
+    """SoRA's generalization / memorization: a metric as a percentage of its stage-0 best."""
+    return None if value is None or not reference else 100.0 * value / reference
+
+
+def plan_steps(run, n_train: int) -> tuple[list[Stage], int]:
+    """The scheduler's stages in optimizer steps, and the steps per epoch."""
+    t = run.trainer
+    steps_per_epoch = math.ceil(math.ceil(n_train / t.batch_size) / t.grad_accum)
+    stage0 = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+    return stage_plan(run.scheduler, getattr(run.method, "sparse_lambda_2", None), stage0, steps_per_epoch), steps_per_epoch
+
+
+def build_optimizer(model, method, t, stages: list[Stage], restart_lr: bool = True):
+    """AdamW over the method's parameter groups; linear warmup then linear decay to 0 in every stage."""
     optimizer = torch.optim.AdamW(method.param_groups(model, t.lr, t.weight_decay), lr=t.lr)
-    return optimizer, get_linear_schedule_with_warmup(optimizer, math.ceil(t.warmup_ratio * total_steps), total_steps)
+    return optimizer, lr_schedule(optimizer, stages, t.warmup_ratio, restart_lr)
 
 
 def forward_loss(model, method, batch: dict, step: int) -> torch.Tensor:
@@ -166,7 +213,7 @@ def optimizer_step(model, method, optimizer, scheduler, max_grad_norm: float, st
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
     optimizer.step()
-    method.after_optimizer_step(model, step)  # e.g. a proximal step, a mask update
+    method.after_optimizer_step(model, optimizer, step)  # e.g. a proximal step, a rank budget update
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
 

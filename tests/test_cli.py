@@ -18,7 +18,7 @@ def cli(tmp_path, *args, env_extra=None):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["method=nope"], "error: unknown method `nope`; choose method=<name> with name in ['adapter', 'bitfit'"),
+    (["method=nope"], "error: unknown method `nope`; choose method=<name> with name in ['adalora', 'adapter', 'bitfit'"),
     (["task=glue/nope"], "error: unknown task `glue/nope`"),
     (["-m", "model=minilm,nope"], "error: unknown model `nope`"),
     (["trainer.epoch=3"], "Key 'epoch' is not in struct"),

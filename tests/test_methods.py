@@ -13,6 +13,7 @@ from sparse_peft.train import train
 
 ALL_METHODS = sorted(METHODS)
 TASKS = ["rte", "stsb", "cola", "mnli"]
+ADAPTIVE = {"sora", "adalora"}  # retained parameters change during training
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
@@ -25,7 +26,11 @@ def test_every_method_trains_two_steps(method, task, tmp_path, tiny_glue):
     assert m["selection_metric"] in m["eval"]
     assert 0 < m["trainable_params"] <= m["total_params"]
     curve = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
-    assert [c["step"] for c in curve] == [1, 2] and all(c["retained_params"] == m["retained_params"] for c in curve)
+    assert [c["step"] for c in curve] == [1, 2]
+    at_best = next(c for c in curve if c["step"] == m["best_step"])
+    assert m["retained_params"] == at_best["retained_params"] and m["ranks"] == at_best["ranks"]
+    if method not in ADAPTIVE:
+        assert all(c["retained_params"] == m["trainable_params"] for c in curve)
     if task == "mnli":
         assert "validation_mismatched_accuracy" in m["eval"]
 
@@ -56,7 +61,8 @@ def test_only_the_methods_parameters_change(method, model):
         if n not in trainable and key in before:
             assert torch.equal(p, before[key]), f"frozen {n} changed"
     assert any("classifier" in n for n in trainable), "the task head trains for every method"
-    assert meth.retained_params(model_) == sum(p.numel() for p in model_.parameters() if p.requires_grad)
+    if method not in ADAPTIVE:
+        assert meth.retained_params(model_) == sum(p.numel() for p in model_.parameters() if p.requires_grad)
 
 
 def test_lora_and_adapter_counts_by_hand():

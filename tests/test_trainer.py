@@ -47,7 +47,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_glue, monkeypatch
     monkeypatch.setattr(runio.RunLogger, "curve", real_curve)
     resumed = run(out, tiny_glue, *steps)  # picks up checkpoints/last (step 4), crosses an epoch boundary
     assert resumed["eval"] == ref["eval"] and resumed["best_step"] == ref["best_step"]
-    a, b = load_file(str(tmp_path / "ref" / "best.safetensors")), load_file(str(out / "best.safetensors"))
+    a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert [json.loads(x)["step"] for x in (out / "curve.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
     assert not (out / "checkpoints").exists()  # removed after success unless trainer.keep_checkpoints

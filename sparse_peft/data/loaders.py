@@ -48,7 +48,7 @@ def tokenize(ds: datasets.Dataset, task: GlueTask, tokenizer, max_length: int, p
                   desc=f"tokenising {task.name}")
 
 
-def _subset(ds: datasets.Dataset, n: int | None, seed: int = 42) -> datasets.Dataset:
+def subset(ds: datasets.Dataset, n: int | None, seed: int = 42) -> datasets.Dataset:
     # A fixed seeded subset, so that runs with different training seeds see the same examples.
     if n is None or n >= len(ds):
         return ds
@@ -60,8 +60,8 @@ def build_task_data(task_cfg, data_cfg, tokenizer) -> TaskData:
     splits = load_glue(task.name, data_cfg.root, task_cfg.split_protocol)
     cache = _cache_dir(data_cfg.cache_dir)
     tok = lambda ds: tokenize(ds, task, tokenizer, data_cfg.max_length, data_cfg.pad_to_max_length, cache)  # noqa: E731
-    train = tok(_subset(splits.pop("train"), data_cfg.max_train_samples))
-    evals = {name: tok(_subset(ds, data_cfg.max_eval_samples)) for name, ds in splits.items()}
+    train = tok(subset(splits.pop("train"), data_cfg.max_train_samples))
+    evals = {name: tok(subset(ds, data_cfg.max_eval_samples)) for name, ds in splits.items()}
     return TaskData(task, train, evals, DataCollatorWithPadding(tokenizer))
 
 
@@ -86,5 +86,7 @@ def eval_loader(ds: datasets.Dataset, collator, batch_size: int) -> DataLoader:
 
 def make_loader(ds: datasets.Dataset, collator, batch_size: int, sampler: list[int], num_workers: int = 0) -> DataLoader:
     """`sampler`: an explicit index order (the trainer's seeded per-epoch order, resumable mid-epoch)."""
+    # Its own generator: creating an iterator then draws no number from the global RNG, so a run resumed
+    # mid-epoch sees the same dropout masks as an uninterrupted one.
     return DataLoader(ds.with_format("torch"), batch_size=batch_size, sampler=sampler,
-                      collate_fn=collator, num_workers=num_workers)
+                      collate_fn=collator, num_workers=num_workers, generator=torch.Generator())

@@ -1,8 +1,10 @@
 """The small interface every method implements, and the registry.
 
 The training loop calls, in order: `apply` (once), `param_groups` (once), `regularization_loss` (every
-forward), `after_optimizer_step` (every step), `retained_params` (at every evaluation), `export` (at the end).
-Only `apply` is required; the defaults below fit a method whose trainable parameters are all it keeps.
+forward), `after_optimizer_step` (every step), `retained_params` and `ranks` (at every evaluation);
+`python -m sparse_peft.export` calls `export`. Only `apply` is required; the defaults below fit a method whose
+trainable parameters are all it keeps. A method with a sparsity threshold that a scheduler may raise in stages
+(SoRA's xi) also defines `set_threshold`.
 """
 from __future__ import annotations
 
@@ -41,8 +43,8 @@ def method_config(node) -> MethodConfig:
     return cfg
 
 
-def build_method(cfg: MethodConfig, model_cfg) -> "Method":
-    return METHODS[cfg.name](cfg, model_cfg)
+def build_method(cfg: MethodConfig, model_cfg, total_steps: int = 0) -> "Method":
+    return METHODS[cfg.name](cfg, model_cfg, total_steps)
 
 
 def count(params) -> int:
@@ -58,9 +60,10 @@ class Method:
     name: str = ""
     config_cls: type = MethodConfig
 
-    def __init__(self, cfg, model_cfg):
+    def __init__(self, cfg, model_cfg, total_steps: int = 0):
         self.cfg = cfg
         self.model_cfg = model_cfg
+        self.total_steps = total_steps  # optimizer steps of the whole run (AdaLoRA's budget schedule needs it)
 
     # --- required -------------------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> nn.Module:
@@ -68,8 +71,8 @@ class Method:
         raise NotImplementedError
 
     # --- optional hooks -------------------------------------------------------------------------------
-    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float, skip=lambda name: False) -> list[dict]:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not skip(n)]
         return [
             {"params": [p for n, p in named if not no_decay(n)], "lr": lr, "weight_decay": weight_decay},
             {"params": [p for n, p in named if no_decay(n)], "lr": lr, "weight_decay": 0.0},
@@ -78,8 +81,12 @@ class Method:
     def regularization_loss(self, model: nn.Module) -> Optional[torch.Tensor]:
         return None
 
-    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
-        pass
+    def after_optimizer_step(self, model: nn.Module, optimizer, step: int) -> None:
+        """Called after `optimizer.step()`, before the LR scheduler steps and before gradients are cleared."""
+
+    def ranks(self, model: nn.Module) -> Optional[dict[str, int]]:
+        """Per-module rank for adaptive-rank methods (logged with every evaluation); None otherwise."""
+        return None
 
     def retained_params(self, model: nn.Module) -> int:
         """Parameters the adapted model needs after training, beyond the frozen base."""
