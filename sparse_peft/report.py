@@ -72,14 +72,64 @@ def by_metric(runs: list[dict], task: str) -> str:
     return next(r["selection_metric"] for r in runs if r["task"] == task)
 
 
+def stage_records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "curve.jsonl").read_text().splitlines() if (run_dir / "curve.jsonl").exists() else []
+    return [r for r in map(json.loads, filter(str.strip, lines)) if r.get("type") == "stage"]
+
+
+def stages_report(run_dir: Path, out_dir: Path) -> str:
+    """A sparsifying-scheduler run: one row per stage (its best checkpoint) -> stages.md and stages.png, the
+    validation and training-subset metric against retained parameters (SoRA's Figure 3 style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = stage_records(run_dir)
+    if not stages:
+        raise SystemExit(f"error: {run_dir}/curve.jsonl has no stage records; run with scheduler=linear|log_linear|exp_linear")
+    metric = json.loads((run_dir / "metrics.json").read_text())["selection_metric"]
+    lines = [f"| stage | xi | retained params | validation {metric} | train-subset {metric} | generalization | "
+             "memorization | best step |", "|---|---|---|---|---|---|---|---|"]
+    for s in stages:
+        lines.append(f"| {s['stage']} | {s['lambda']:.3g} | {s['retained_params']:,} | {s['eval'][metric] * 100:.2f} | "
+                     f"{s['train'][metric] * 100:.2f} | {s['generalization']:.1f} | {s['memorization']:.1f} | "
+                     f"{s['best_step']} |")
+    text = "\n".join(lines) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "stages.md").write_text(text)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    kept = [s["retained_params"] for s in stages]
+    ax.plot(kept, [s["eval"][metric] * 100 for s in stages], "o-", label=f"validation {metric}")
+    ax.plot(kept, [s["train"][metric] * 100 for s in stages], "s--", label=f"training subset {metric}")
+    for s in stages:
+        ax.annotate(f"xi={s['lambda']:.2g}", (s["retained_params"], s["eval"][metric] * 100), fontsize=7,
+                    textcoords="offset points", xytext=(3, 5))
+    ax.set_xlabel("retained parameters")
+    ax.set_ylabel(f"{metric} x 100")
+    ax.invert_xaxis()  # sparser to the right, as the schedule proceeds
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{run_dir.name}: sparsifying scheduler stages")
+    fig.tight_layout()
+    fig.savefig(out_dir / "stages.png", dpi=120)
+    plt.close(fig)
+    return text
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("root", type=Path)
     p.add_argument("--split", choices=("eval", "test"), default="eval",
                    help="eval: validation metrics; test: the held-out test split (split protocol sora)")
     p.add_argument("--retained", action="store_true", help="add a table of retained parameters (mean ± std)")
+    p.add_argument("--stages", type=Path, default=None, metavar="DIR",
+                   help="root is one scheduler run: write its per-stage table and plot (stages.md, stages.png) to DIR")
     p.add_argument("--out", type=Path, default=None, help="write the markdown table here (default: stdout)")
     a = p.parse_args(argv)
+    if a.stages:
+        print(stages_report(a.root, a.stages), end="")
+        return
     runs, incomplete = collect(a.root)
     if not runs:
         raise SystemExit(f"error: no completed run (metrics.json with status completed) below {a.root}")

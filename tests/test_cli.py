@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import REPO
 
@@ -48,8 +49,9 @@ def test_multirun_gives_each_job_its_own_dir(tmp_path, tiny_glue):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     r = subprocess.run([sys.executable, "-m", "sparse_peft.train", "-m", f"hydra.sweep.dir={tmp_path}", "model=tiny_bert",
                         f"data.root={tiny_glue}", "trainer.max_steps=1", "trainer.batch_size=8", "trainer.progress_bar=false",
-                        "logger.wandb.mode=disabled", "trainer.seed=1,2"], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=300)
+                        "logger.wandb.mode=disabled", "method=sora", "method.sparse_lambda=0.01,0.1", "trainer.seed=1,2"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    seeds = sorted(json.loads(p.read_text())["seed"] for p in tmp_path.glob("*/metrics.json"))
-    assert seeds == [1, 2]
+    jobs = sorted((json.loads((p.parent / "metrics.json").read_text())["seed"],
+                   yaml.safe_load(p.read_text())["method"]["sparse_lambda"]) for p in tmp_path.glob("*/config.yaml"))
+    assert jobs == [(1, 0.01), (1, 0.1), (2, 0.01), (2, 0.1)]

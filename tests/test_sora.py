@@ -16,6 +16,7 @@ from sparse_peft.export import export, main as export_main
 from sparse_peft.methods import build_method
 from sparse_peft.methods.sora import GATES_GROUP, SoraLinear, soft_threshold, sora_modules
 from sparse_peft.models import build_model, load_tokenizer
+from sparse_peft.report import stages_report
 from sparse_peft.schedulers import lambda_values
 from sparse_peft.train import forward_loss, optimizer_step, train
 
@@ -181,6 +182,8 @@ def test_staged_run_records_every_stage_and_exports_any_of_them(tmp_path, tiny_g
     # The LR restarts (warmup then decay) in every stage.
     lrs = {r["step"]: r["lr"] for r in evals}
     assert lrs[6] > lrs[8] < lrs[10] > lrs[12]
+    table = stages_report(out, tmp_path / "report")  # the per-stage table and plot
+    assert len(table.splitlines()) == 2 + 3 and (tmp_path / "report" / "stages.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("crash_step", [8, 12])  # resume from step 6 (stage 1, crosses a stage end) or 10 (stage 2)
