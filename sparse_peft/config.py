@@ -32,6 +32,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     progress_bar: bool = True
     num_threads: int = 0  # torch intra-op threads; 0: torch's default
+    dry_run: bool = False  # print what would run (or is complete) and stop; also `--dry-run`
 
 
 @dataclass

@@ -28,7 +28,32 @@ def is_completed(out: Path) -> bool:
         return False
 
 
-def prepare_output_dir(trainer_cfg, cfg) -> Path:
+# Keys that cannot change a run's result: a completed run that differs only in these is the same run.
+VOLATILE = {"trainer": ("output_dir", "overwrite", "resume", "progress_bar", "num_threads", "dry_run", "keep_checkpoints"),
+            "data": ("cache_dir", "num_workers"), "logger": None}
+
+
+def result_config(cfg) -> dict:
+    c = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
+    for node, keys in VOLATILE.items():
+        if keys is None:
+            c.pop(node, None)
+        else:
+            c[node] = {k: v for k, v in (c.get(node) or {}).items() if k not in keys}
+    return c
+
+
+def in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def prepare_output_dir(trainer_cfg, cfg) -> tuple[Path, Optional[dict]]:
+    """The run's output dir, and the metrics of the completed run already there when it may be reused: in a
+    sweep, a job whose dir holds a completed run of the same config is skipped (re-running a sweep runs only
+    the missing or failed jobs). A dry run writes nothing."""
     if trainer_cfg.output_dir:
         out = Path(trainer_cfg.output_dir)
     else:
@@ -37,10 +62,20 @@ def prepare_output_dir(trainer_cfg, cfg) -> Path:
         if not HydraConfig.initialized():
             raise UserError("no output directory: set trainer.output_dir")
         out = Path(HydraConfig.get().runtime.output_dir)
-    if is_completed(out):
-        if not trainer_cfg.overwrite:
+    if is_completed(out) and not trainer_cfg.overwrite:
+        if not in_sweep() and not trainer_cfg.dry_run:
             raise UserError(f"{out} already holds a completed run; pass trainer.overwrite=true to re-run it "
                             f"or choose another trainer.output_dir")
+        saved, current = result_config(OmegaConf.load(out / "config.yaml")), result_config(cfg)
+        if saved != current:
+            diff = next(f"{n}.{k}" for n in sorted(set(saved) | set(current)) for k in
+                        sorted(set(saved.get(n) or {}) | set(current.get(n) or {}))
+                        if (saved.get(n) or {}).get(k) != (current.get(n) or {}).get(k))
+            raise UserError(f"{out} holds a completed run with another config (`{diff}` differs); pass "
+                            f"trainer.overwrite=true to replace it or use another hydra.sweep.dir")
+        return out, json.loads((out / "metrics.json").read_text())
+    if trainer_cfg.dry_run:
+        return out, None
     if trainer_cfg.overwrite:
         for name in ("metrics.json", "curve.jsonl", "model.safetensors"):
             (out / name).unlink(missing_ok=True)
@@ -48,7 +83,7 @@ def prepare_output_dir(trainer_cfg, cfg) -> Path:
             shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return out
+    return out, None
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

@@ -39,7 +39,11 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 def train(cfg: DictConfig) -> dict:
     run = load_run_config(cfg)
     t = run.trainer
-    out = prepare_output_dir(t, cfg)
+    out, done = prepare_output_dir(t, cfg)
+    if done is not None or t.dry_run:  # a sweep's completed job, or a dry run: nothing to train
+        state = "complete, skipped" if done else ("would resume" if (out / "checkpoints" / "last").exists() else "would run")
+        print(f"{'[dry-run] ' if t.dry_run else ''}{state}: {out}", flush=True)
+        return done or {"status": "dry-run", "output_dir": str(out)}
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)
     device = pick_device(t.device)
@@ -281,6 +285,10 @@ def check_choices(argv: list[str]) -> None:
                 sys.exit(2)
 
 
+# Sweep subdirs are named by the job's overrides; `task=glue/rte` must not become a nested dir.
+OmegaConf.register_new_resolver("path_safe", lambda s: (s or "default").replace("/", "-"), replace=True)
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig):
     try:
@@ -288,9 +296,11 @@ def main(cfg: DictConfig):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    return metrics["eval"][metrics["selection_metric"]]  # what a Hydra sweeper optimises
+    return metrics["eval"][metrics["selection_metric"]] if metrics.get("eval") else None  # for a Hydra sweeper
 
 
 if __name__ == "__main__":
+    if "--dry-run" in sys.argv:  # list what a run or sweep would do, train nothing
+        sys.argv = [a for a in sys.argv if a != "--dry-run"] + ["trainer.dry_run=true"]
     check_choices(sys.argv[1:])
     main()

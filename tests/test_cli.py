@@ -45,13 +45,36 @@ def test_cli_runs_and_refuses_a_completed_dir(tmp_path, tiny_glue):
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "overwrite" in r.stderr
 
 
-def test_multirun_gives_each_job_its_own_dir(tmp_path, tiny_glue):
+def sweep(tmp_path, tiny_glue, *args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    r = subprocess.run([sys.executable, "-m", "sparse_peft.train", "-m", f"hydra.sweep.dir={tmp_path}", "model=tiny_bert",
-                        f"data.root={tiny_glue}", "trainer.max_steps=1", "trainer.batch_size=8", "trainer.progress_bar=false",
-                        "logger.wandb.mode=disabled", "method=sora", "method.sparse_lambda=0.01,0.1", "trainer.seed=1,2"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "sparse_peft.train", "-m", f"hydra.sweep.dir={tmp_path}", "model=tiny_bert",
+                           f"data.root={tiny_glue}", "trainer.max_steps=1", "trainer.batch_size=8",
+                           "trainer.progress_bar=false", "logger.wandb.mode=disabled", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_multirun_gives_each_job_its_own_dir_and_reruns_only_missing_jobs(tmp_path, tiny_glue):
+    r = sweep(tmp_path, tiny_glue, "method=sora", "method.sparse_lambda=0.01,0.1", "trainer.seed=1,2")
     assert r.returncode == 0, r.stderr[-2000:]
     jobs = sorted((json.loads((p.parent / "metrics.json").read_text())["seed"],
                    yaml.safe_load(p.read_text())["method"]["sparse_lambda"]) for p in tmp_path.glob("*/config.yaml"))
     assert jobs == [(1, 0.01), (1, 0.1), (2, 0.01), (2, 0.1)]
+    # dirs are named by the overrides, so the same sweep finds its jobs again
+    job = "method.sparse_lambda=0.1,method=sora,model=tiny_bert,trainer.batch_size=8,trainer.max_steps=1,trainer.seed=2"
+    assert (tmp_path / job / "metrics.json").exists()  # data.root, logger, progress bar: not part of the name
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/metrics.json")}
+
+    r = sweep(tmp_path, tiny_glue, "method=sora", "method.sparse_lambda=0.01,0.1", "trainer.seed=1,2,3", "--dry-run")
+    assert r.returncode == 0 and r.stdout.count("[dry-run] complete, skipped") == 4, r.stdout + r.stderr[-2000:]
+    assert r.stdout.count("[dry-run] would run") == 2 and len(list(tmp_path.glob("*/metrics.json"))) == 4
+
+    r = sweep(tmp_path, tiny_glue, "method=sora", "method.sparse_lambda=0.01,0.1", "trainer.seed=1,2,3")
+    assert r.returncode == 0 and r.stdout.count("complete, skipped") == 4, r.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # completed jobs untouched
+    assert len(list(tmp_path.glob("*/metrics.json"))) == 6
+
+    # A completed dir whose config differs (here: a default changed under it) is an error, not a silent skip.
+    cfg = tmp_path / job / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("lora_alpha: 16", "lora_alpha: 8"))
+    r = sweep(tmp_path, tiny_glue, "method=sora", "method.sparse_lambda=0.1", "trainer.seed=2")
+    assert r.returncode == 2 and "holds a completed run with another config (`method.lora_alpha` differs)" in r.stderr
