@@ -14,19 +14,19 @@ for set in ${*:-baselines sora_comparison}; do
     cp "$d"/{metrics.json,curve.jsonl,config.yaml,command.txt} "$dest"/
   done
   [ -d "results/$set" ] || continue
+  # Tables, CSVs and plots in results/tables/<set>/; sora_comparison (split protocol sora) reports the held-out
+  # test half (the best epoch is chosen on the validation half), and the validation table beside it.
   case $set in
-    sora_comparison)  # split protocol sora: the held-out test half is the reported number
-      { echo "Test split (best epoch chosen on the validation split):"; echo
-        python -m sparse_peft.report "results/$set" --split test --retained
-        echo; echo "Validation split:"; echo
-        python -m sparse_peft.report "results/$set" --split eval; } > "results/$set.md" ;;
-    *) python -m sparse_peft.report "results/$set" --out "results/$set.md" > /dev/null ;;
+    sora_comparison)
+      python -m sparse_peft.report "results/$set" --split test --out "results/tables/$set" > /dev/null
+      python -m sparse_peft.report "results/$set" --split eval --out "results/tables/$set/validation" > /dev/null ;;
+    *) python -m sparse_peft.report "results/$set" --out "results/tables/$set" > /dev/null ;;
   esac
   SET=$set python - <<'PY'
 import os, re
 from pathlib import Path
 name = os.environ["SET"]
-table = Path(f"results/{name}.md").read_text().strip()
+table = Path(f"results/tables/{name}/report.md").read_text().strip()
 for doc in (Path("README.md"), Path("results/README.md")):
     text = doc.read_text()
     pattern = rf"<!-- {name}:start -->.*?<!-- {name}:end -->"

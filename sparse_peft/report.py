@@ -1,75 +1,166 @@
-"""`python -m sparse_peft.report <dir> [--split eval|test] [--retained] [--out table.md]`: every run's metrics.json
-below <dir> -> a markdown table of the selection metric (mean ± std over seeds, n) per method and task, on the
-validation split (`eval`) or the held-out test split (`test`, split protocol `sora`), and parameter counts;
-`--retained` adds a table of retained parameters (mean ± std) per method and task.
-Incomplete runs (a dir with config.yaml but no completed metrics.json) are listed, never averaged in."""
+"""`python -m sparse_peft.report <dir> [--split eval|test] [--metric NAME] [--group-by method,task,...] [--out DIR]`
+
+Finds every run's `metrics.json` below <dir> (single runs and Hydra sweeps alike) and writes, to stdout and with
+`--out DIR` to files:
+- `report.md`: the metric as mean ± std over seeds (n) per group (rows: the group-by keys other than `task`;
+  columns: tasks) with the GLUE average, then the retained parameters per group and task with their share of
+  the base model, then the incomplete or failed runs (listed, never averaged in);
+- `summary.csv` (one row per group and task) and `runs.csv` (one row per run: the per-seed values);
+- `retained_vs_metric.png`: one point per run, one colour per row group, a panel per task;
+- `stages_<run>.png` for every run whose `curve.jsonl` holds sparsifying-scheduler stages (SoRA's
+  generalization / memorization against retained parameters).
+Group-by keys are `method`, `task`, `model`, or any dotted config key (`method.sparse_lambda`, `trainer.lr`).
+`--stages DIR` instead treats <dir> as one scheduler run: its per-stage table and plot (stages.md, stages.png).
+"""
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+TOP_LEVEL = ("method", "task", "model", "seed")
+
 
 def collect(root: Path) -> tuple[list[dict], list[Path]]:
+    """Completed runs (metrics.json + the run's config under `config`) and the run dirs without a completed
+    metrics.json. A run dir is a dir holding our `config.yaml`."""
     done, incomplete = [], []
     for cfg in sorted(root.rglob("config.yaml")):
         run_dir = cfg.parent
+        if run_dir.name == ".hydra":
+            continue
         try:
             m = json.loads((run_dir / "metrics.json").read_text())
         except (OSError, ValueError):
             m = {}
         if m.get("status") == "completed":
-            done.append({**m, "dir": str(run_dir)})
-        elif not (run_dir.name == ".hydra"):
+            config = OmegaConf.to_container(OmegaConf.load(cfg), resolve=False)
+            done.append({**m, "dir": str(run_dir), "config": config})
+        else:
             incomplete.append(run_dir)
     return done, incomplete
 
 
-def fmt(values: list[float], scale: float = 100, digits: int = 2) -> str:
+def key_value(run: dict, key: str):
+    if key in TOP_LEVEL:
+        return run[key]
+    node = run.get("config", {})
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def metric_of(run: dict, metric: str | None, split: str):
+    scores = run.get(split) or {}
+    return scores.get(metric or run["selection_metric"])
+
+
+def mean_std(values: list[float], scale: float = 100.0) -> tuple[float, float]:
     mean = statistics.fmean(values) * scale
-    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return mean, (statistics.stdev(values) * scale if len(values) > 1 else 0.0)
+
+
+def fmt(values: list[float], scale: float = 100.0) -> str:
+    mean, std = mean_std(values, scale)
     if scale == 1:
         return f"{mean:,.0f} ± {std:,.0f} (n={len(values)})" if len(values) > 1 else f"{mean:,.0f}"
-    return f"{mean:.{digits}f} ± {std:.{digits}f} (n={len(values)})" if len(values) > 1 else f"{mean:.{digits}f}"
+    return f"{mean:.2f} ± {std:.2f} (n={len(values)})" if len(values) > 1 else f"{mean:.2f}"
 
 
-def retained_table(runs: list[dict]) -> str:
-    tasks, methods = sorted({r["task"] for r in runs}), sorted({r["method"] for r in runs})
-    lines = ["| method | " + " | ".join(f"{t} retained params" for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
-    for m in methods:
-        values = [[r["retained_params"] for r in runs if (r["method"], r["task"]) == (m, t)] for t in tasks]
-        cells = [fmt(v, scale=1) if v else "–" for v in values]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def table(runs: list[dict], split: str = "eval") -> str:
-    tasks = sorted({r["task"] for r in runs})
-    by = defaultdict(list)
+def summarize(runs: list[dict], group_by: list[str], metric: str | None, split: str):
+    """{(row key, task): [runs]}, the row keys in order, the tasks, and the metric name per task."""
+    row_keys = [k for k in group_by if k != "task"]
+    cells = defaultdict(list)
     for r in runs:
-        by[(r["method"], r["task"])].append(r)
-    methods = sorted({r["method"] for r in runs})
-    head = "| method | " + " | ".join(f"{t} ({by_metric(runs, t)})" for t in tasks) + " | avg | trainable params | retained params |"
-    lines = [head, "|" + "---|" * (len(tasks) + 4)]
-    for m in methods:
-        cells, means = [], []
+        if metric_of(r, metric, split) is not None:
+            cells[(tuple(key_value(r, k) for k in row_keys), r["task"])].append(r)
+    rows = sorted({row for row, _ in cells}, key=lambda t: tuple(str(x) for x in t))
+    tasks = sorted({t for _, t in cells})
+    names = {t: metric or next(r["selection_metric"] for r in runs if r["task"] == t) for t in tasks}
+    return row_keys, rows, tasks, names, cells
+
+
+def tables(runs: list[dict], group_by: list[str], metric: str | None = None, split: str = "eval") -> str:
+    row_keys, rows, tasks, names, cells = summarize(runs, group_by, metric, split)
+    if not rows:
+        return f"no completed run has `{split}` metrics\n"
+    head = " | ".join(row_keys)
+    lines = [f"| {head} | " + " | ".join(f"{t} ({names[t]})" for t in tasks) + " | avg |",
+             "|" + "---|" * (len(row_keys) + len(tasks) + 1)]
+    for row in rows:
+        means, out = [], []
         for t in tasks:
-            rs = by.get((m, t), [])
-            vals = [r[split][r["selection_metric"]] for r in rs if r.get(split)]
-            cells.append(fmt(vals) if vals else "–")
+            vals = [metric_of(r, metric, split) for r in cells.get((row, t), [])]
+            out.append(fmt(vals) if vals else "–")
             means += [statistics.fmean(vals)] if vals else []
         avg = f"{statistics.fmean(means) * 100:.2f}" if len(means) == len(tasks) else "–"
-        counts = sorted({(r["trainable_params"], r["retained_params"]) for t in tasks for r in by.get((m, t), [])})
-        lo, hi = counts[0], counts[-1]
-        rng = lambda i: f"{lo[i]:,}" if lo[i] == hi[i] else f"{lo[i]:,}–{hi[i]:,}"  # noqa: E731 (head size varies)
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} | {rng(0)} | {rng(1)} |")
+        lines.append("| " + " | ".join(map(str, row)) + " | " + " | ".join(out) + f" | {avg} |")
+    lines += ["", "Retained parameters (mean ± std over seeds; share of the base model's parameters):", "",
+              f"| {head} | " + " | ".join(tasks) + " |", "|" + "---|" * (len(row_keys) + len(tasks))]
+    for row in rows:
+        out = []
+        for t in tasks:
+            rs = cells.get((row, t), [])
+            share = statistics.fmean(r["retained_params"] / r["total_params"] for r in rs) * 100 if rs else 0
+            out.append(f"{fmt([r['retained_params'] for r in rs], scale=1)} ({share:.2f}%)" if rs else "–")
+        lines.append("| " + " | ".join(map(str, row)) + " | " + " | ".join(out) + " |")
     return "\n".join(lines) + "\n"
 
 
-def by_metric(runs: list[dict], task: str) -> str:
-    return next(r["selection_metric"] for r in runs if r["task"] == task)
+def write_csvs(runs: list[dict], group_by: list[str], metric: str | None, split: str, out: Path) -> None:
+    row_keys, rows, tasks, names, cells = summarize(runs, group_by, metric, split)
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*row_keys, "task", "metric", "split", "mean", "std", "n", "retained_mean", "retained_share"])
+        for (row, task), rs in sorted(cells.items(), key=lambda kv: str(kv[0])):
+            mean, std = mean_std([metric_of(r, metric, split) for r in rs])
+            kept = statistics.fmean(r["retained_params"] for r in rs)
+            w.writerow([*row, task, names[task], split, f"{mean:.4f}", f"{std:.4f}", len(rs), f"{kept:.0f}",
+                        f"{statistics.fmean(r['retained_params'] / r['total_params'] for r in rs):.6f}"])
+    with open(out / "runs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*row_keys, "task", "seed", "metric", "eval", "test", "retained_params", "trainable_params",
+                    "total_params", "steps", "train_time_s", "dir"])
+        for r in sorted(runs, key=lambda r: (str([key_value(r, k) for k in row_keys]), r["task"], r["seed"])):
+            name = metric or r["selection_metric"]
+            w.writerow([*(key_value(r, k) for k in row_keys), r["task"], r["seed"], name, (r.get("eval") or {}).get(name),
+                        (r.get("test") or {}).get(name), r["retained_params"], r["trainable_params"],
+                        r["total_params"], r["steps"], r.get("train_time_s"), r["dir"]])
+
+
+def plot_retained(runs: list[dict], group_by: list[str], metric: str | None, split: str, path: Path) -> None:
+    plt = pyplot()
+    row_keys, rows, tasks, names, cells = summarize(runs, group_by, metric, split)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.6), squeeze=False)
+    colours = {row: plt.cm.tab10(i % 10) for i, row in enumerate(rows)}
+    for ax, task in zip(axes[0], tasks):
+        for row in rows:
+            rs = cells.get((row, task), [])
+            ax.scatter([r["retained_params"] for r in rs], [metric_of(r, metric, split) * 100 for r in rs],
+                       color=colours[row], label=",".join(map(str, row)), s=18)
+        ax.set_xscale("log")
+        ax.set_title(task)
+        ax.set_xlabel("retained parameters")
+        ax.set_ylabel(f"{split} {names[task]} x 100")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def stage_records(run_dir: Path) -> list[dict]:
@@ -77,14 +168,9 @@ def stage_records(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, filter(str.strip, lines)) if r.get("type") == "stage"]
 
 
-def stages_report(run_dir: Path, out_dir: Path) -> str:
-    """A sparsifying-scheduler run: one row per stage (its best checkpoint) -> stages.md and stages.png, the
+def stages_report(run_dir: Path, out_dir: Path, plot_name: str = "stages.png") -> str:
+    """A sparsifying-scheduler run: one row per stage (its best checkpoint) -> stages.md and a plot of the
     validation and training-subset metric against retained parameters (SoRA's Figure 3 style)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     stages = stage_records(run_dir)
     if not stages:
         raise SystemExit(f"error: {run_dir}/curve.jsonl has no stage records; run with scheduler=linear|log_linear|exp_linear")
@@ -97,48 +183,64 @@ def stages_report(run_dir: Path, out_dir: Path) -> str:
                      f"{s['best_step']} |")
     text = "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "stages.md").write_text(text)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    if plot_name == "stages.png":
+        (out_dir / "stages.md").write_text(text)
+    plt = pyplot()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     kept = [s["retained_params"] for s in stages]
     ax.plot(kept, [s["eval"][metric] * 100 for s in stages], "o-", label=f"validation {metric}")
     ax.plot(kept, [s["train"][metric] * 100 for s in stages], "s--", label=f"training subset {metric}")
     for s in stages:
         ax.annotate(f"xi={s['lambda']:.2g}", (s["retained_params"], s["eval"][metric] * 100), fontsize=7,
                     textcoords="offset points", xytext=(3, 5))
-    ax.set_xlabel("retained parameters")
     ax.set_ylabel(f"{metric} x 100")
-    ax.invert_xaxis()  # sparser to the right, as the schedule proceeds
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(f"{run_dir.name}: sparsifying scheduler stages")
+    ax2.plot(kept, [s["generalization"] for s in stages], "o-", label="generalization")
+    ax2.plot(kept, [s["memorization"] for s in stages], "s--", label="memorization")
+    ax2.set_ylabel("% of stage 0's best")
+    for a in (ax, ax2):
+        a.set_xlabel("retained parameters")
+        a.invert_xaxis()  # sparser to the right, as the schedule proceeds
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.suptitle(f"{run_dir.name}: sparsifying scheduler stages")
     fig.tight_layout()
-    fig.savefig(out_dir / "stages.png", dpi=120)
+    fig.savefig(out_dir / plot_name, dpi=120)
     plt.close(fig)
     return text
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m sparse_peft.report", description=__doc__.split("\n\n")[0])
     p.add_argument("root", type=Path)
     p.add_argument("--split", choices=("eval", "test"), default="eval",
                    help="eval: validation metrics; test: the held-out test split (split protocol sora)")
-    p.add_argument("--retained", action="store_true", help="add a table of retained parameters (mean ± std)")
+    p.add_argument("--metric", default=None, help="a metric name (default: each task's selection metric)")
+    p.add_argument("--group-by", default="method,task", help="comma-separated keys (default: method,task)")
+    p.add_argument("--out", type=Path, default=None, help="write report.md, summary.csv, runs.csv and plots here")
     p.add_argument("--stages", type=Path, default=None, metavar="DIR",
                    help="root is one scheduler run: write its per-stage table and plot (stages.md, stages.png) to DIR")
-    p.add_argument("--out", type=Path, default=None, help="write the markdown table here (default: stdout)")
     a = p.parse_args(argv)
     if a.stages:
         print(stages_report(a.root, a.stages), end="")
         return
+    group_by = [k.strip() for k in a.group_by.split(",") if k.strip()]
+    if "task" not in group_by:
+        group_by.append("task")
     runs, incomplete = collect(a.root)
     if not runs:
         raise SystemExit(f"error: no completed run (metrics.json with status completed) below {a.root}")
-    text = table(runs, a.split) + ("\n" + retained_table(runs) if a.retained else "")
+    text = tables(runs, group_by, a.metric, a.split)
     if incomplete:
         text += "\nIncomplete or failed runs (not averaged): " + ", ".join(str(d) for d in incomplete) + "\n"
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text)
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "report.md").write_text(text)
+        write_csvs(runs, group_by, a.metric, a.split, a.out)
+        plot_retained(runs, group_by, a.metric, a.split, a.out / "retained_vs_metric.png")
+        for r in runs:
+            if stage_records(Path(r["dir"])):
+                name = str(Path(r["dir"]).relative_to(a.root)).replace("/", "_").strip(".") or "run"
+                stages_report(Path(r["dir"]), a.out, plot_name=f"stages_{name}.png")
     print(text, end="")
 
 

@@ -1,36 +1,50 @@
+"""The report on synthetic run dirs: means and stds checked by hand, failed runs listed, CSVs and plots."""
+import csv
 import json
 
 from sparse_peft.report import collect, main
 
 
-def write_run(d, method, task, seed, value, status="completed"):
+def write_run(d, method, task, seed, value, status="completed", test=None, retained=8, lam=None):
     d.mkdir(parents=True)
-    (d / "config.yaml").write_text("x: 1\n")
+    (d / "config.yaml").write_text(f"method:\n  name: {method}\n  sparse_lambda: {lam}\ntrainer:\n  seed: {seed}\n")
     if status:
         (d / "metrics.json").write_text(json.dumps({
-            "method": method, "task": task, "seed": seed, "eval": {"accuracy": value}, "selection_metric": "accuracy",
-            "trainable_params": 10, "retained_params": 8, "status": status}))
+            "method": method, "task": task, "seed": seed, "eval": {"accuracy": value},
+            "test": {"accuracy": test} if test is not None else None, "selection_metric": "accuracy",
+            "trainable_params": 10, "retained_params": retained, "total_params": 1000, "steps": 3,
+            "status": status}))
 
 
 def test_mean_std_and_incomplete_runs(tmp_path, capsys):
     write_run(tmp_path / "a", "lora", "rte", 0, 0.60)
     write_run(tmp_path / "b", "lora", "rte", 1, 0.70)
     write_run(tmp_path / "c", "lora", "rte", 2, 0.0, status=None)  # crashed: no metrics.json
+    write_run(tmp_path / "d", "lora", "rte", 3, 0.9, status="running")  # not completed
     runs, incomplete = collect(tmp_path)
-    assert len(runs) == 2 and incomplete == [tmp_path / "c"]
+    assert len(runs) == 2 and incomplete == [tmp_path / "c", tmp_path / "d"]
     main([str(tmp_path)])
     out = capsys.readouterr().out
-    assert "| lora | 65.00 ± 7.07 (n=2) | 65.00 | 10 | 8 |" in out  # stdev of (60, 70) = 7.07
-    assert "Incomplete or failed runs (not averaged): " + str(tmp_path / "c") in out
+    assert "| lora | 65.00 ± 7.07 (n=2) | 65.00 |" in out  # stdev of (60, 70) = 7.07
+    assert "| lora | 8 ± 0 (n=2) (0.80%) |" in out  # retained: 8 of 1000 base parameters
+    assert f"Incomplete or failed runs (not averaged): {tmp_path / 'c'}, {tmp_path / 'd'}" in out
 
 
-def test_test_split_and_retained_table(tmp_path, capsys):
-    for i, (acc, test, kept) in enumerate([(0.6, 0.5, 100), (0.7, 0.7, 200)]):
-        write_run(tmp_path / str(i), "sora", "rte", i, acc)
-        m = json.loads((tmp_path / str(i) / "metrics.json").read_text())
-        m.update(test={"accuracy": test}, retained_params=kept)
-        (tmp_path / str(i) / "metrics.json").write_text(json.dumps(m))
-    main([str(tmp_path), "--split", "test", "--retained"])
+def test_group_by_a_hyper_parameter_test_split_csv_and_plot(tmp_path, capsys):
+    for i, (lam, acc, test, kept) in enumerate([(0.1, 0.6, 0.5, 100), (0.1, 0.7, 0.7, 200), (1.0, 0.8, 0.9, 50)]):
+        write_run(tmp_path / "runs" / str(i), "sora", "rte", i, acc, test=test, retained=kept, lam=lam)
+    write_run(tmp_path / "runs" / "x", "sora", "mrpc", 0, 0.5, test=0.4, lam=0.1)
+    main([str(tmp_path / "runs"), "--split", "test", "--group-by", "method,method.sparse_lambda", "--out",
+          str(tmp_path / "rep")])
     out = capsys.readouterr().out
-    assert "| sora | 60.00 ± 14.14 (n=2) | 60.00 |" in out  # test: mean of 50, 70
-    assert "| sora | 150 ± 71 (n=2) |" in out
+    assert "| method | method.sparse_lambda | mrpc (accuracy) | rte (accuracy) | avg |" in out
+    assert "| sora | 0.1 | 40.00 | 60.00 ± 14.14 (n=2) | 50.00 |" in out  # test split: mean of 50, 70
+    assert "| sora | 1.0 | – | 90.00 | – |" in out  # no mrpc run at 1.0: no average
+    assert "| sora | 0.1 | 8 (0.80%) | 150 ± 71 (n=2) (15.00%) |" in out
+    rows = list(csv.DictReader(open(tmp_path / "rep" / "summary.csv")))
+    rte = next(r for r in rows if r["task"] == "rte" and r["method.sparse_lambda"] == "0.1")
+    assert (rte["mean"], rte["std"], rte["n"], rte["retained_mean"]) == ("60.0000", "14.1421", "2", "150")
+    per_seed = list(csv.DictReader(open(tmp_path / "rep" / "runs.csv")))
+    assert len(per_seed) == 4 and {r["seed"] for r in per_seed} == {"0", "1", "2"}
+    assert (tmp_path / "rep" / "retained_vs_metric.png").stat().st_size > 1000
+    assert (tmp_path / "rep" / "report.md").read_text() == out
