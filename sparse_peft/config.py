@@ -130,6 +130,21 @@ class RunConfig:
     method: Any  # the method's own dataclass, see sparse_peft.methods
 
 
+def apply_presets(cfg: DictConfig) -> DictConfig:
+    """Experiment presets hold values that depend on the job's method or task (`per_method.<name>`,
+    `per_task.<name>`: partial configs, e.g. each method's learning rate in one sweep). Merged over the composed
+    config, task last; the result is what the run uses and saves."""
+    layers = [(cfg.get("per_method") or {}).get(cfg.method.name), (cfg.get("per_task") or {}).get(cfg.task.name)]
+    layers = [layer for layer in layers if layer]
+    if not layers:
+        return cfg
+    base = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("per_method", "per_task")])
+    try:
+        return OmegaConf.merge(base, *layers)
+    except OmegaConfBaseException as e:
+        raise UserError(f"config `per_method`/`per_task`: {str(e).splitlines()[0]}") from None
+
+
 def load_run_config(cfg: DictConfig) -> RunConfig:
     from sparse_peft.methods import method_config  # late import: methods import torch
 

@@ -30,7 +30,7 @@ def is_completed(out: Path) -> bool:
 
 # Keys that cannot change a run's result: a completed run that differs only in these is the same run.
 VOLATILE = {"trainer": ("output_dir", "overwrite", "resume", "progress_bar", "num_threads", "dry_run", "keep_checkpoints"),
-            "data": ("cache_dir", "num_workers"), "logger": None}
+            "data": ("root", "cache_dir", "num_workers"), "logger": None}
 
 
 def result_config(cfg) -> dict:

@@ -22,14 +22,14 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from sparse_peft import UserError
-from sparse_peft.config import load_run_config
+from sparse_peft.config import apply_presets, load_run_config
 from sparse_peft.data import build_task_data, eval_loader, lengths, make_loader, subset, train_order
 from sparse_peft.methods import build_method
 from sparse_peft.methods.base import count
 from sparse_peft.metrics import glue_metrics
 from sparse_peft.models import build_model, load_tokenizer
 from sparse_peft.schedulers import Stage, lr_schedule, stage_plan
-from sparse_peft.runio import (RunLogger, TrainState, load_checkpoint, load_trainable, prepare_output_dir,
+from sparse_peft.runio import (RunLogger, in_sweep, TrainState, load_checkpoint, load_trainable, prepare_output_dir,
                                save_checkpoint, trainable_state, write_json_atomic)
 
 log = logging.getLogger("sparse_peft")
@@ -37,6 +37,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
 
 def train(cfg: DictConfig) -> dict:
+    cfg = apply_presets(cfg)
     run = load_run_config(cfg)
     t = run.trainer
     out, done = prepare_output_dir(t, cfg)
@@ -295,6 +296,8 @@ def main(cfg: DictConfig):
         metrics = train(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        if in_sweep():
+            raise  # Hydra records the failed job, runs the others, and fails the sweep at the end
         sys.exit(2)
     return metrics["eval"][metrics["selection_metric"]] if metrics.get("eval") else None  # for a Hydra sweeper
 
