@@ -50,6 +50,15 @@ def in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def sweep_name() -> Optional[str]:
+    """The sweep dir's name inside a Hydra multirun (wandb groups a sweep's runs by it), else None."""
+    if not in_sweep():
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().sweep.dir).name
+
+
 def prepare_output_dir(trainer_cfg, cfg) -> tuple[Path, Optional[dict]]:
     """The run's output dir, and the metrics of the completed run already there when it may be reused: in a
     sweep, a job whose dir holds a completed run of the same config is skipped (re-running a sweep runs only
@@ -152,12 +161,18 @@ class RunLogger:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.wandb = wandb.init(mode=w.mode, project=w.project, entity=w.entity, group=w.group, tags=list(w.tags),
+            self.wandb = wandb.init(mode=w.mode, project=w.project, entity=w.entity, group=w.group or sweep_name(),
+                                    tags=list(w.tags),
                                     name=run_name, config=config, dir=str(out), reinit="finish_previous")
 
     def curve(self, record: dict) -> None:
         with open(self.curve_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if record.get("type") == "stage":  # one point per scheduler stage: the retained-vs-metric curves
+            self.log({"stage/lambda": record["lambda"], "stage/retained_params": record["retained_params"],
+                      "stage/generalization": record["generalization"], "stage/memorization": record["memorization"],
+                      **{f"stage/eval_{k}": v for k, v in record["eval"].items()},
+                      **{f"stage/train_{k}": v for k, v in (record["train"] or {}).items()}}, record["step"])
 
     def records(self, kind: str) -> list[dict]:
         """The curve's records of one type (`eval` or `stage`), resumed runs included."""

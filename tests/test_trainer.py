@@ -105,3 +105,28 @@ def test_wandb_offline_by_default_writes_a_local_run(tmp_path, tiny_glue, monkey
     out = tmp_path / "r"
     run(out, tiny_glue, "logger.wandb.mode=offline")
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb")), "an offline run to `wandb sync` later"
+
+
+def test_wandb_groups_a_sweep_and_logs_stage_curves(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from sparse_peft.config import LoggerConfig
+
+    monkeypatch.setattr(runio, "in_sweep", lambda: True)
+    monkeypatch.setattr("hydra.core.hydra_config.HydraConfig.get",
+                        staticmethod(lambda: SimpleNamespace(sweep=SimpleNamespace(dir="/x/runs/sora_glue"))))
+    assert runio.sweep_name() == "sora_glue"
+
+    logged = []
+    logger = runio.RunLogger(tmp_path, LoggerConfig(wandb=runio_wandb_disabled()), "r", {}, 0)
+    logger.wandb = SimpleNamespace(log=lambda values, step: logged.append((step, values)))
+    logger.curve({"type": "stage", "step": 9, "stage": 1, "lambda": 0.2, "retained_params": 123,
+                  "eval": {"f1": 0.5}, "train": {"f1": 0.6}, "generalization": 90.0, "memorization": 95.0})
+    assert logged == [(9, {"stage/lambda": 0.2, "stage/retained_params": 123, "stage/generalization": 90.0,
+                           "stage/memorization": 95.0, "stage/eval_f1": 0.5, "stage/train_f1": 0.6})]
+
+
+def runio_wandb_disabled():
+    from sparse_peft.config import WandbConfig
+
+    return WandbConfig(mode="disabled")

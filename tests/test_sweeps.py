@@ -1,0 +1,57 @@
+"""Sweeps through Hydra's launchers (joblib: 2 parallel jobs; submitit_local: the SLURM code path), the SLURM
+launcher config, and the experiment presets."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CONFIGS, REPO, make_cfg
+from sparse_peft.config import apply_presets, load_run_config
+
+
+def train_cli(*args, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "sparse_peft.train", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_launchers_run_every_job_in_its_own_dir(tmp_path, tiny_glue, launcher):
+    extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["hydra.launcher.timeout_min=5"]
+    r = train_cli("-m", f"hydra/launcher={launcher}", *extra, f"hydra.sweep.dir={tmp_path}", "model=tiny_bert",
+                  f"data.root={tiny_glue}", "trainer.max_steps=1", "trainer.batch_size=8", "trainer.progress_bar=false",
+                  "trainer.num_threads=1", "logger.wandb.mode=disabled", "method=sora,lora")
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = sorted(json.loads(p.read_text())["method"] for p in tmp_path.glob("*/metrics.json"))
+    assert done == ["lora", "sora"]
+
+
+def test_slurm_launcher_config_composes():
+    r = train_cli("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra", timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "SlurmLauncher" in r.stdout and "partition: gpu" in r.stdout and "gpus_per_node: 1" in r.stdout
+
+
+PRESETS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_experiment_preset_composes(preset):
+    r = train_cli(f"+experiment={preset}", "--cfg", "job", timeout=120)
+    assert r.returncode == 0 and "model:" in r.stdout, r.stderr[-2000:]
+    load_run_config(apply_presets(make_cfg([f"+experiment={preset}"])))
+
+
+def test_sora_glue_preset_gives_each_method_its_setting():
+    def job(method, task="glue/rte"):
+        return load_run_config(apply_presets(make_cfg(["+experiment=sora_glue", f"method={method}", f"task={task}"])))
+
+    assert job("full").trainer.lr == 5e-5 and job("full").trainer.weight_decay == 0.01
+    assert job("bitfit").trainer.lr == 1e-3 and job("lora").trainer.lr == 5e-4
+    s = job("sora")
+    assert (s.method.lora_r, s.method.sparse_lambda, s.method.sparse_lambda_2) == (8, 1e-3, 1e-3)
+    assert (job("adalora").method.init_r, job("adalora").method.target_r) == (12, 8)
+    assert job("lora", "glue/sst2").data.max_train_samples == 10000 and job("lora").data.max_train_samples is None
+    assert s.task.split_protocol == "sora" and s.model.name == "minilm" and s.trainer.epochs == 3
