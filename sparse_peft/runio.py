@@ -148,14 +148,17 @@ def load_checkpoint(ckpt_dir: Path, model, optimizer, scheduler) -> tuple[TrainS
 class RunLogger:
     """curve.jsonl (one line per evaluation), wandb (offline by default) and the Python log."""
 
-    def __init__(self, out: Path, logger_cfg, run_name: str, config: dict, resume_step: int):
+    def __init__(self, out: Path, logger_cfg, run_name: str, config: dict, resume_step: int, write: bool = True):
+        self.write = write  # false on the non-zero ranks of a data-parallel run: they log nothing
         self.curve_path = out / "curve.jsonl"
+        self.wandb = None
+        if not write:
+            return
         # On resume, drop evaluations written after the checkpoint we restart from.
         if self.curve_path.exists():
             lines = [ln for ln in self.curve_path.read_text().splitlines() if ln.strip()]
             kept = [ln for ln in lines if json.loads(ln)["step"] <= resume_step] if resume_step else []
             self.curve_path.write_text("".join(ln + "\n" for ln in kept))
-        self.wandb = None
         w = logger_cfg.wandb
         if w.mode != "disabled":
             import wandb
@@ -166,6 +169,8 @@ class RunLogger:
                                     name=run_name, config=config, dir=str(out), reinit="finish_previous")
 
     def curve(self, record: dict) -> None:
+        if not self.write:
+            return
         with open(self.curve_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if record.get("type") == "stage":  # one point per scheduler stage: the retained-vs-metric curves

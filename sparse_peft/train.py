@@ -5,6 +5,7 @@ build model -> inject method -> train (AdamW, warmup/decay, clip, method hooks) 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import resource
@@ -18,11 +19,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import set_seed
 
 from sparse_peft import UserError
 from sparse_peft.config import apply_presets, load_run_config
+from sparse_peft.distributed import World, broadcast, finish, init_world, shard
 from sparse_peft.data import build_task_data, eval_loader, lengths, make_loader, subset, train_order
 from sparse_peft.methods import build_method
 from sparse_peft.methods.base import count
@@ -40,14 +43,15 @@ def train(cfg: DictConfig) -> dict:
     cfg = apply_presets(cfg)
     run = load_run_config(cfg)
     t = run.trainer
-    out, done = prepare_output_dir(t, cfg)
+    world = init_world(t.device)  # torchrun / accelerate launch: one process per rank, rank 0 writes
+    out, done = broadcast(prepare_output_dir(t, cfg) if world.main else None, world)
     if done is not None or t.dry_run:  # a sweep's completed job, or a dry run: nothing to train
         state = "complete, skipped" if done else ("would resume" if (out / "checkpoints" / "last").exists() else "would run")
         print(f"{'[dry-run] ' if t.dry_run else ''}{state}: {out}", flush=True)
         return done or {"status": "dry-run", "output_dir": str(out)}
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)
-    device = pick_device(t.device)
+    device = pick_device(t.device, world)
     set_seed(t.seed)
 
     # ---- data, model, stages, method -----------------------------------------------------------------
@@ -59,6 +63,7 @@ def train(cfg: DictConfig) -> dict:
     total_steps, staged = stages[-1].end, len(stages) > 1
     method = build_method(run.method, run.model, total_steps)
     model = method.apply(model).to(device)
+    ddp = DistributedDataParallel(model) if world.size > 1 else model  # forward/backward; hooks use `model`
     trainable_params = count(p for p in model.parameters() if p.requires_grad)
     log.info("%s on %s/%s: %d trainable of %d parameters, %d steps in %d stage(s)", run.method.name,
              run.task.group, run.task.name, trainable_params, total_params, total_steps, len(stages))
@@ -74,16 +79,17 @@ def train(cfg: DictConfig) -> dict:
         state, best = load_checkpoint(ckpt_dir, model, optimizer, scheduler)
         log.info("resumed from %s at step %d", ckpt_dir, state.step)
     logger = RunLogger(out, run.logger, f"{run.method.name}-{run.task.name}-seed{t.seed}",
-                       OmegaConf.to_container(cfg, resolve=True), state.step)
+                       OmegaConf.to_container(cfg, resolve=True), state.step, write=world.main)
     eval_loaders = {name: eval_loader(ds, data.collator, t.eval_batch_size) for name, ds in data.eval_splits.items()}
     # Staged runs also score a fixed training subset: the `memorization` curve.
     probe = eval_loader(subset(data.train, run.scheduler.train_subset), data.collator, t.eval_batch_size) if staged else None
     metric = data.task.metric
     train_lengths = lengths(data.train)
     stage_file = lambda k: out / "stages" / f"stage{k}.safetensors"  # noqa: E731  best weights of each stage
+    stage_weights = load_file(str(stage_file(state.stage))) if staged and stage_file(state.stage).exists() else None
 
     def evaluate_and_record(stage: Stage, loss_sum: float, loss_n: int) -> None:
-        nonlocal best
+        nonlocal best, stage_weights
         scores = evaluate(model, eval_loaders["validation"], data.task, device)
         train_scores = evaluate(model, probe, data.task, device) if probe else None
         retained, ranks = method.retained_params(model), method.ranks(model)
@@ -101,8 +107,10 @@ def train(cfg: DictConfig) -> dict:
             if stage.index == 0:
                 state.best_metric, state.best_step, best = scores[metric], state.step, trainable_state(model)
             if staged:
-                stage_file(stage.index).parent.mkdir(exist_ok=True)
-                save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(stage_file(stage.index)))
+                stage_weights = trainable_state(model)
+                if world.main:
+                    stage_file(stage.index).parent.mkdir(exist_ok=True)
+                    save_file({k: v.contiguous() for k, v in stage_weights.items()}, str(stage_file(stage.index)))
         log.info("step %d (stage %d): %s (retained %d)", state.step, stage.index, scores, retained)
 
     def end_stage(stage: Stage) -> None:
@@ -114,7 +122,7 @@ def train(cfg: DictConfig) -> dict:
                       "lambda": stage.xi, "retained_params": rec["retained_params"], "eval": rec["eval"],
                       "train": rec["train"], "generalization": percent_of(rec["eval"][metric], state.stage0_eval),
                       "memorization": percent_of(rec["train"][metric], state.stage0_train), "ranks": rec["ranks"]})
-        load_trainable(model, load_file(str(stage_file(stage.index))))
+        load_trainable(model, stage_weights)
         state.stage, state.stage_best = state.stage + 1, None
 
     # ---- training loop -------------------------------------------------------------------------------
@@ -129,9 +137,10 @@ def train(cfg: DictConfig) -> dict:
         epoch, done_in_epoch = divmod(state.step, steps_per_epoch)
         order = train_order(train_lengths, t.batch_size, t.seed * 1000 + epoch, run.data.group_by_length)
         order = order[done_in_epoch * t.grad_accum * t.batch_size:]  # resume mid-epoch
-        loader = make_loader(data.train, data.collator, t.batch_size, order, run.data.num_workers)
+        loader = make_loader(data.train, data.collator, t.batch_size // world.size, shard(order, t.batch_size, world),
+                             run.data.num_workers)
         for i, batch in enumerate(loader):
-            loss = forward_loss(model, method, {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}, state.step)
+            loss = forward_loss(ddp, method, {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}, state.step)
             (loss / t.grad_accum).backward()
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
             if (i + 1) % t.grad_accum and i + 1 < len(loader):
@@ -146,11 +155,15 @@ def train(cfg: DictConfig) -> dict:
                 loss_sum, loss_n, start = 0.0, 0, time.perf_counter()
             if staged and state.step == stage.end:
                 end_stage(stage)
-            if state.step % save_every == 0 and state.step < total_steps:
+            if state.step % save_every == 0 and state.step < total_steps and world.main:
                 save_checkpoint(ckpt_dir, model, optimizer, scheduler, state, best)
             if state.step >= stage.end:
                 break
     bar.close()
+    log.info("rank %d of %d: trainable checksum %s", world.rank, world.size, checksum(model))
+    if not world.main:  # rank 0 evaluates the final checkpoints and writes the results
+        finish(world)
+        return {"status": "completed", "rank": world.rank}
 
     # ---- final evaluation: last and best (stage 0) checkpoints on every split ------------------------
     last = evaluate_splits(model, eval_loaders, data.task, device)
@@ -173,14 +186,23 @@ def train(cfg: DictConfig) -> dict:
         "steps": state.step, "epochs": state.step / steps_per_epoch, "train_time_s": round(state.train_time_s, 2),
         "peak_memory_mb": round(peak_memory_mb(device), 1), "split_protocol": run.task.split_protocol,
         "train_examples": len(data.train), "stages": logger.records("stage") if staged else None,
-        "status": "completed",
+        "world_size": world.size, "status": "completed",
     }
     logger.finish({f"final/{k}": v for k, v in chosen["eval"].items()})
     if not t.keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     write_json_atomic(out / "metrics.json", metrics)  # last: its presence marks the run complete
     log.info("done: %s -> %s", metrics["eval"], out)
+    finish(world)
     return metrics
+
+
+def checksum(model) -> str:
+    """A digest of the trainable parameters: equal on every rank of a data-parallel run."""
+    h = hashlib.sha256()
+    for _, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def percent_of(value, reference):
@@ -256,12 +278,12 @@ def evaluate_splits(model, loaders, task, device) -> dict:
     return result
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, world: World = World()) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    return torch.device(name, world.local_rank) if name == "cuda" else torch.device(name)
 
 
 def peak_memory_mb(device: torch.device) -> float:
