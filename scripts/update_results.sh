@@ -1,31 +1,38 @@
 #!/usr/bin/env bash
-# Copy the small files of every completed result run (metrics.json, curve.jsonl, config.yaml, command.txt)
-# from runs/<set>/ into results/<set>/, and regenerate each set's tables with the report command; a table is
-# also written between the `<!-- <set>:start/end -->` markers of README.md and results/README.md.
-# Usage: bash scripts/update_results.sh [sets...]   (default: baselines sora_comparison)
+# Copy the small files of every completed result run (metrics.json, curve.jsonl, config.yaml, and the command:
+# command.txt or Hydra's .hydra/overrides.yaml) from runs/<set>/ into results/<set>/, then regenerate each set's
+# tables and plots with the report command into results/tables/<name>/ (<name>: the set's last path part) and
+# paste report.md between the `<!-- <name>:start/end -->` markers of README.md and results/README.md.
+# Usage: bash scripts/update_results.sh [sets...]
+#   (default: baselines experiments/sora_glue experiments/sora_scheduler)
 set -eu
 cd "$(dirname "$0")/.."
-for set in ${*:-baselines sora_comparison}; do
-  for m in runs/$set/*/*/seed*/metrics.json; do
-    [ -e "$m" ] || continue
+for set in ${*:-baselines experiments/sora_glue experiments/sora_scheduler}; do
+  [ -d "runs/$set" ] || [ -d "results/$set" ] || continue
+  while IFS= read -r m; do
     grep -qs '"status": "completed"' "$m" || continue
     d=$(dirname "$m"); dest=results/${d#runs/}
     mkdir -p "$dest"
-    cp "$d"/{metrics.json,curve.jsonl,config.yaml,command.txt} "$dest"/
-  done
-  [ -d "results/$set" ] || continue
-  # Tables, CSVs and plots in results/tables/<set>/; sora_comparison (split protocol sora) reports the held-out
-  # test half (the best epoch is chosen on the validation half), and the validation table beside it.
-  case $set in
-    sora_comparison)
-      python -m sparse_peft.report "results/$set" --split test --out "results/tables/$set" > /dev/null
-      python -m sparse_peft.report "results/$set" --split eval --out "results/tables/$set/validation" > /dev/null ;;
-    *) python -m sparse_peft.report "results/$set" --out "results/tables/$set" > /dev/null ;;
+    cp "$d"/{metrics.json,curve.jsonl,config.yaml} "$dest"/
+    for extra in command.txt .hydra/overrides.yaml; do if [ -e "$d/$extra" ]; then cp "$d/$extra" "$dest/"; fi; done
+  done < <(find "runs/$set" -name metrics.json 2>/dev/null)
+  [ -d "results/$set" ] || continue  # nothing completed yet
+  if [ -e "runs/$set/command.txt" ]; then cp "runs/$set/command.txt" "results/$set/"; fi
+  name=$(basename "$set"); tables=results/tables/$name
+  case $name in
+    sora_glue)  # split protocol sora: the held-out test half is the reported number, validation beside it
+      python -m sparse_peft.report "results/$set" --split test --out "$tables" > /dev/null
+      python -m sparse_peft.report "results/$set" --split eval --out "$tables/validation" > /dev/null ;;
+    sora_scheduler)
+      [ -e "results/$set/metrics.json" ] || continue
+      python -m sparse_peft.report "results/$set" --stages "$tables" > /dev/null
+      cp "$tables/stages.md" "$tables/report.md" ;;
+    *) python -m sparse_peft.report "results/$set" --out "$tables" > /dev/null ;;
   esac
-  SET=$set python - <<'PY'
+  NAME=$name python - <<'PY'
 import os, re
 from pathlib import Path
-name = os.environ["SET"]
+name = os.environ["NAME"]
 table = Path(f"results/tables/{name}/report.md").read_text().strip()
 for doc in (Path("README.md"), Path("results/README.md")):
     text = doc.read_text()
