@@ -46,8 +46,8 @@ def train(cfg: DictConfig) -> dict:
     world = init_world(t.device)  # torchrun / accelerate launch: one process per rank, rank 0 writes
     out, done = broadcast(prepare_output_dir(t, cfg) if world.main else None, world)
     if done is not None or t.dry_run:  # a sweep's completed job, or a dry run: nothing to train
-        state = "complete, skipped" if done else ("would resume" if (out / "checkpoints" / "last").exists() else "would run")
-        print(f"{'[dry-run] ' if t.dry_run else ''}{state}: {out}", flush=True)
+        status = "complete, skipped" if done else ("would resume" if (out / "checkpoints" / "last").exists() else "would run")
+        print(f"{'[dry-run] ' if t.dry_run else ''}{status}: {out}", flush=True)
         return done or {"status": "dry-run", "output_dir": str(out)}
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)
