@@ -53,5 +53,6 @@ def test_sora_glue_preset_gives_each_method_its_setting():
     s = job("sora")
     assert (s.method.lora_r, s.method.sparse_lambda, s.method.sparse_lambda_2) == (8, 1e-3, 1e-3)
     assert (job("adalora").method.init_r, job("adalora").method.target_r) == (12, 8)
+    assert job("adalora").trainer.select == "last" and s.trainer.select == "best"
     assert job("lora", "glue/sst2").data.max_train_samples == 10000 and job("lora").data.max_train_samples is None
     assert s.task.split_protocol == "sora" and s.model.name == "minilm" and s.trainer.epochs == 3
