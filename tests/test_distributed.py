@@ -6,10 +6,13 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
+from sparse_peft import UserError
+from sparse_peft.distributed import World, shard
 
 NO_DROPOUT = ["model.config.hidden_dropout_prob=0", "model.config.attention_probs_dropout_prob=0"]
 
@@ -47,3 +50,13 @@ def test_two_processes_agree_and_only_rank0_writes(tmp_path, tiny_glue):
     run(tmp_path, tiny_glue, "single", 1)
     a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "single" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_shard_splits_every_global_batch_and_tops_up_a_short_last_one():
+    order = list(range(11))  # batches of 4: [0 1 2 3] [4 5 6 7] [8 9 10]; then 3 ranks -> 2 ranks
+    assert shard(order, 4, World()) == order
+    r0, r1 = shard(order, 4, World(0, 2)), shard(order, 4, World(1, 2))
+    assert r0 == [0, 2, 4, 6, 8, 10] and r1 == [1, 3, 5, 7, 9]
+    assert shard(list(range(5)), 4, World(1, 2)) == [1, 3, 0]  # last batch [4] + [0] topped up: one each
+    with pytest.raises(UserError, match="divisible"):
+        shard(order, 5, World(0, 2))
