@@ -14,7 +14,7 @@ from sparse_peft import UserError
 from sparse_peft.config import load_run_config
 from sparse_peft.export import export, main as export_main
 from sparse_peft.methods import build_method
-from sparse_peft.methods.sora import GATES_GROUP, SoraLinear, soft_threshold, sora_modules
+from sparse_peft.methods.sora import GATES_GROUP, soft_threshold, sora_modules
 from sparse_peft.models import build_model, load_tokenizer
 from sparse_peft.report import stages_report
 from sparse_peft.schedulers import lambda_values
