@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from sparse_peft.config import load_run_config
-from sparse_peft.data import build_task_data, make_loader  # noqa: F401  (re-exported for the scripts)
+from sparse_peft.data import build_task_data, make_loader  # noqa: F401  (make_loader is also used by padding.py)
 from sparse_peft.methods import build_method
 from sparse_peft.models import build_model, load_tokenizer
 from sparse_peft.train import MODEL_INPUTS, build_optimizer, forward_loss, optimizer_step, plan_steps
@@ -104,6 +104,19 @@ def ratio_report(times: dict[str, list[float]], num: str, den: str, goal: float)
     return {**summary, "ratio": ratio, "ratio_of_means": statistics.mean(times[num]) / statistics.mean(times[den]),
             "goal": f"{num} / {den} (median seconds) <= {goal}", "pass": bool(ratio <= goal),
             "ratio_ci95_bootstrap": [lo, hi], "verdict": verdict}
+
+
+def add_timing_args(p: argparse.ArgumentParser, steps: int, warmup: int, block: int) -> None:
+    p.add_argument("--steps", type=int, default=steps, help="timed calls per variant")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed calls per variant")
+    p.add_argument("--block", type=int, default=block, help="consecutive calls of one variant between switches")
+
+
+def first_train_batch(data, batch_size: int, seed: int) -> dict:
+    """The first batch of a seeded permutation of the training set (dynamic padding), model inputs only."""
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed * 1000)).tolist()
+    batch = next(iter(make_loader(data.train, data.collator, batch_size, sampler=order)))
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
 
 
 def median(xs) -> float:

@@ -24,8 +24,8 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
-from _common import (MODEL_INPUTS, base_args, build_ours, emit, environment, load_data, make_loader, ratio_report,
-                     run_config, setup, time_interleaved, train_step)
+from _common import (add_timing_args, base_args, build_ours, emit, environment, first_train_batch, load_data,
+                     ratio_report, run_config, setup, time_interleaved, train_step)
 from sparse_peft.models import match_modules
 
 GOAL = 1.02
@@ -33,9 +33,7 @@ GOAL = 1.02
 
 def main() -> None:
     p = base_args(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=30, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant")
-    p.add_argument("--block", type=int, default=5, help="consecutive steps of one variant between switches")
+    add_timing_args(p, steps=30, warmup=5, block=5)
     p.add_argument("--max-length", type=int, default=None, help="data.max_length (default: the config's)")
     args = p.parse_args()
     setup(args)
@@ -44,9 +42,7 @@ def main() -> None:
     run = run_config(overrides, args)
     assert (run.method.lora_r, run.method.lora_alpha, run.method.lora_dropout) == (8, 16, 0.0), run.method
     data, vocab = load_data(run)
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(run.trainer.seed * 1000)).tolist()
-    batch = next(iter(make_loader(data.train, data.collator, run.trainer.batch_size, sampler=order)))
-    batch = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    batch = first_train_batch(data, run.trainer.batch_size, run.trainer.seed)
 
     model, method, optimizer, scheduler = build_ours(run, data, vocab, args.seed)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from _common import (MODEL_INPUTS, base_args, emit, environment, load_data, ratio_report, run_config, setup,
+from _common import (MODEL_INPUTS, add_timing_args, base_args, emit, environment, load_data, ratio_report, run_config, setup,
                      time_interleaved)
 from sparse_peft.data import eval_loader
 from sparse_peft.methods import build_method
@@ -29,9 +29,7 @@ def main() -> None:
     p = base_args(__doc__.splitlines()[0])
     p.add_argument("--run-dir", type=Path, default=None, help="a finished SoRA run to compact (default: random)")
     p.add_argument("--batches", type=int, default=4, help="validation batches per timed call")
-    p.add_argument("--steps", type=int, default=20, help="timed calls per variant")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--block", type=int, default=2)
+    add_timing_args(p, steps=20, warmup=2, block=2)
     args = p.parse_args()
     setup(args)
 

@@ -12,28 +12,23 @@ from __future__ import annotations
 
 import time
 
-import torch
 
-from _common import (MODEL_INPUTS, base_args, build_ours, emit, environment, load_data, make_loader, ratio_report,
-                     run_config, setup, time_interleaved, train_step)
+from _common import (add_timing_args, base_args, build_ours, emit, environment, first_train_batch, load_data,
+                     ratio_report, run_config, setup, time_interleaved, train_step)
 
 GOAL = 1.05
 
 
 def main() -> None:
     p = base_args(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=30, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant")
-    p.add_argument("--block", type=int, default=5, help="consecutive steps of one variant between switches")
+    add_timing_args(p, steps=30, warmup=5, block=5)
     args = p.parse_args()
     setup(args)
 
     runs = {name: run_config([f"method={name}", "method.lora_r=8"], args) for name in ("sora", "lora")}
     assert runs["sora"].method.target_modules == runs["lora"].method.target_modules
     data, vocab = load_data(runs["lora"])
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed * 1000)).tolist()
-    batch = next(iter(make_loader(data.train, data.collator, runs["lora"].trainer.batch_size, sampler=order)))
-    batch = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    batch = first_train_batch(data, runs["lora"].trainer.batch_size, args.seed)
 
     built = {name: build_ours(run, data, vocab, args.seed) for name, run in runs.items()}
     losses = {name: [] for name in runs}

@@ -19,7 +19,7 @@ from transformers import set_seed
 
 from sparse_peft import UserError
 from sparse_peft.config import load_run_config
-from sparse_peft.data import build_task_data, eval_loader, get_task
+from sparse_peft.data import build_task_data, eval_loaders, get_task
 from sparse_peft.methods import build_method
 from sparse_peft.models import build_model, load_tokenizer
 from sparse_peft.runio import is_completed, load_trainable
@@ -74,8 +74,7 @@ def export(run_dir: Path, out: Path, stage: int | None = None, merge: bool = Fal
 
         reloaded = PeftModel.from_pretrained(base_model(run, tokenizer), str(out)).eval()
         data = build_task_data(run.task, run.data, tokenizer)
-        loaders = {name: eval_loader(ds, data.collator, run.trainer.eval_batch_size) for name, ds in data.eval_splits.items()}
-        got = evaluate_splits(reloaded, loaders, data.task, reloaded.device)
+        got = evaluate_splits(reloaded, eval_loaders(data, run.trainer.eval_batch_size), data.task, reloaded.device)
         diffs = [abs(got[split][k] - v) for split in ("eval", "test") if expected and expected[split]
                  for k, v in expected[split].items()]
         report.update(reloaded_eval=got["eval"], reloaded_test=got["test"], run_eval=expected and expected["eval"],

@@ -95,6 +95,10 @@ def prepare_output_dir(trainer_cfg, cfg) -> tuple[Path, Optional[dict]]:
     return out, None
 
 
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
@@ -123,9 +127,9 @@ def save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, state: TrainSta
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp / "trainable.safetensors"))
+    save_weights(trainable_state(model), tmp / "trainable.safetensors")
     if best is not None:
-        save_file({k: v.contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
+        save_weights(best, tmp / "best.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps(asdict(state)))

@@ -18,7 +18,7 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import set_seed
@@ -26,13 +26,13 @@ from transformers import set_seed
 from sparse_peft import UserError
 from sparse_peft.config import apply_presets, load_run_config
 from sparse_peft.distributed import World, broadcast, finish, init_world, shard
-from sparse_peft.data import build_task_data, eval_loader, lengths, make_loader, subset, train_order
+from sparse_peft.data import build_task_data, eval_loader, eval_loaders, lengths, make_loader, subset, train_order
 from sparse_peft.methods import build_method
 from sparse_peft.methods.base import count
 from sparse_peft.metrics import glue_metrics
 from sparse_peft.models import build_model, load_tokenizer
 from sparse_peft.schedulers import Stage, lr_schedule, stage_plan
-from sparse_peft.runio import (RunLogger, in_sweep, TrainState, load_checkpoint, load_trainable, prepare_output_dir,
+from sparse_peft.runio import (RunLogger, in_sweep, save_weights, TrainState, load_checkpoint, load_trainable, prepare_output_dir,
                                save_checkpoint, trainable_state, write_json_atomic)
 
 log = logging.getLogger("sparse_peft")
@@ -80,7 +80,7 @@ def train(cfg: DictConfig) -> dict:
         log.info("resumed from %s at step %d", ckpt_dir, state.step)
     logger = RunLogger(out, run.logger, f"{run.method.name}-{run.task.name}-seed{t.seed}",
                        OmegaConf.to_container(cfg, resolve=True), state.step, write=world.main)
-    eval_loaders = {name: eval_loader(ds, data.collator, t.eval_batch_size) for name, ds in data.eval_splits.items()}
+    loaders = eval_loaders(data, t.eval_batch_size)
     # Staged runs also score a fixed training subset: the `memorization` curve.
     probe = eval_loader(subset(data.train, run.scheduler.train_subset), data.collator, t.eval_batch_size) if staged else None
     metric = data.task.metric
@@ -90,7 +90,7 @@ def train(cfg: DictConfig) -> dict:
 
     def evaluate_and_record(stage: Stage, loss_sum: float, loss_n: int) -> None:
         nonlocal best, stage_weights
-        scores = evaluate(model, eval_loaders["validation"], data.task, device)
+        scores = evaluate(model, loaders["validation"], data.task, device)
         train_scores = evaluate(model, probe, data.task, device) if probe else None
         retained, ranks = method.retained_params(model), method.ranks(model)
         record = {"type": "eval", "step": state.step, "epoch": state.step / steps_per_epoch, "stage": stage.index,
@@ -110,7 +110,7 @@ def train(cfg: DictConfig) -> dict:
                 stage_weights = trainable_state(model)
                 if world.main:
                     stage_file(stage.index).parent.mkdir(exist_ok=True)
-                    save_file({k: v.contiguous() for k, v in stage_weights.items()}, str(stage_file(stage.index)))
+                    save_weights(stage_weights, stage_file(stage.index))
         log.info("step %d (stage %d): %s (retained %d)", state.step, stage.index, scores, retained)
 
     def end_stage(stage: Stage) -> None:
@@ -166,15 +166,15 @@ def train(cfg: DictConfig) -> dict:
         return {"status": "completed", "rank": world.rank}
 
     # ---- final evaluation: last and best (stage 0) checkpoints on every split ------------------------
-    last = evaluate_splits(model, eval_loaders, data.task, device)
+    last = evaluate_splits(model, loaders, data.task, device)
     last_weights = trainable_state(model)
     load_trainable(model, best)
-    best_scores = evaluate_splits(model, eval_loaders, data.task, device)
+    best_scores = evaluate_splits(model, loaders, data.task, device)
     chosen = best_scores if t.select == "best" else last
     if t.select == "last":
         load_trainable(model, last_weights)
     # The weights metrics.json reports, for `python -m sparse_peft.export`.
-    save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(out / "model.safetensors"))
+    save_weights(trainable_state(model), out / "model.safetensors")
     metrics = {
         "method": run.method.name, "task": run.task.name, "model": run.model.name, "seed": t.seed,
         "eval": chosen["eval"], "test": chosen["test"], "checkpoint": t.select,

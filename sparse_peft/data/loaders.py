@@ -84,6 +84,11 @@ def eval_loader(ds: datasets.Dataset, collator, batch_size: int) -> DataLoader:
     return make_loader(ds, collator, batch_size, sampler=order)
 
 
+def eval_loaders(data: TaskData, batch_size: int) -> dict[str, DataLoader]:
+    """One length-sorted loader per evaluation split (validation, test, MNLI mismatched)."""
+    return {name: eval_loader(ds, data.collator, batch_size) for name, ds in data.eval_splits.items()}
+
+
 def make_loader(ds: datasets.Dataset, collator, batch_size: int, sampler: list[int], num_workers: int = 0) -> DataLoader:
     """`sampler`: an explicit index order (the trainer's seeded per-epoch order, resumable mid-epoch)."""
     # Its own generator: creating an iterator then draws no number from the global RNG, so a run resumed

@@ -61,7 +61,4 @@ class AdaLora(Lora):
 
     def retained_params(self, model):
         """As SoRA: each kept rank costs d_in + d_out (E folds into B), plus the trained task head."""
-        ranks = self.ranks(model)
-        lora = sum(ranks[n] * (m.in_features + m.out_features) for n, m in model.named_modules() if n in ranks)
-        head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n)
-        return lora + head
+        return self.ranked_retained(model, self.ranks(model))

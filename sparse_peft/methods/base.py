@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from sparse_peft import UserError
 from sparse_peft.config import typed
 from sparse_peft.models import head_module_names
+from sparse_peft.runio import save_weights, trainable_state
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -94,10 +94,16 @@ class Method:
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                  str(out_dir / "trainable.safetensors"))
+        save_weights(trainable_state(model), out_dir / "trainable.safetensors")
 
     # --- shared helpers -------------------------------------------------------------------------------
+    def ranked_retained(self, model: nn.Module, ranks: dict[str, int]) -> int:
+        """Adaptive-rank methods (SoRA, AdaLoRA): each kept rank of module n costs d_in + d_out (its row of A and
+        column of B, the gate / singular value folded into B), plus the trained parameters outside `.lora_`."""
+        lora = sum(ranks[n] * (m.in_features + m.out_features) for n, m in model.named_modules() if n in ranks)
+        head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n)
+        return lora + head
+
     def head_names(self, model: nn.Module) -> list[str]:
         return head_module_names(model, list(self.model_cfg.head_modules)) if self.cfg.train_head else []
 

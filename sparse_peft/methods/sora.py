@@ -83,6 +83,14 @@ class SoraLinear(nn.Module):
         return self.lora_A.detach()[idx].clone(), (self.lora_B.detach() * self.lora_gate.detach())[:, idx].clone()
 
     @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
     def rank(self) -> int:
         return int(torch.count_nonzero(self.lora_gate.detach()))
 
@@ -139,9 +147,7 @@ class Sora(Method):
     def retained_params(self, model):
         """Exact: every kept rank costs d_in + d_out (its row of A and column of B, the gate folded into B), plus
         the trained task head. Gates themselves are not counted: compaction folds them into B."""
-        lora = sum(m.rank * (m.base_layer.in_features + m.base_layer.out_features) for _, m in sora_modules(model))
-        head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n)
-        return lora + head
+        return self.ranked_retained(model, self.ranks(model))
 
     def to_peft(self, model):
         """A peft LoRA model holding the compact adapter (per-module ranks) and the trained task head."""
