@@ -4,10 +4,11 @@
 # tables and plots with the report command into results/tables/<name>/ (<name>: the set's last path part) and
 # paste report.md between the `<!-- <name>:start/end -->` markers of README.md and results/README.md.
 # Usage: bash scripts/update_results.sh [sets...]
-#   (default: baselines experiments/sora_glue experiments/sora_scheduler)
+#   (default: baselines experiments/sora_glue experiments/sora_glue_gpu experiments/sora_ablation_gpu
+#    experiments/sora_scheduler)
 set -eu
 cd "$(dirname "$0")/.."
-for set in ${*:-baselines experiments/sora_glue experiments/sora_scheduler}; do
+for set in ${*:-baselines experiments/sora_glue experiments/sora_glue_gpu experiments/sora_ablation_gpu experiments/sora_scheduler}; do
   [ -d "runs/$set" ] || [ -d "results/$set" ] || continue
   while IFS= read -r m; do
     grep -qs '"status": "completed"' "$m" || continue
@@ -20,9 +21,12 @@ for set in ${*:-baselines experiments/sora_glue experiments/sora_scheduler}; do
   if [ -e "runs/$set/command.txt" ]; then cp "runs/$set/command.txt" "results/$set/"; fi
   name=$(basename "$set"); tables=results/tables/$name
   case $name in
-    sora_glue)  # split protocol sora: the held-out test half is the reported number, validation beside it
+    sora_glue|sora_glue_gpu)  # split protocol sora: the held-out test half is the reported number, validation beside it
       python -m sparse_peft.report "results/$set" --split test --out "$tables" > /dev/null
       python -m sparse_peft.report "results/$set" --split eval --out "$tables/validation" > /dev/null ;;
+    sora_ablation*)  # variants of one method side by side: the varied keys are columns
+      python -m sparse_peft.report "results/$set" --split test --out "$tables" \
+        --group-by method,task,method.lora_r,method.sparse_lambda_2 > /dev/null ;;
     sora_scheduler)
       [ -e "results/$set/metrics.json" ] || continue
       python -m sparse_peft.report "results/$set" --stages "$tables" > /dev/null

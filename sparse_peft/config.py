@@ -130,19 +130,41 @@ class RunConfig:
     method: Any  # the method's own dataclass, see sparse_peft.methods
 
 
-def apply_presets(cfg: DictConfig) -> DictConfig:
+def apply_presets(cfg: DictConfig, overrides: Optional[list[str]] = None) -> DictConfig:
     """Experiment presets hold values that depend on the job's method or task (`per_method.<name>`,
     `per_task.<name>`: partial configs, e.g. each method's learning rate in one sweep). Merged over the composed
-    config, task last; the result is what the run uses and saves."""
+    config, task last; the result is what the run uses and saves. A value set on the command line
+    (`overrides`, default: Hydra's for this job) wins over the preset's, so `method.lora_r=4` means r 4."""
     layers = [(cfg.get("per_method") or {}).get(cfg.method.name), (cfg.get("per_task") or {}).get(cfg.task.name)]
     layers = [layer for layer in layers if layer]
     if not layers:
         return cfg
     base = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("per_method", "per_task")])
     try:
-        return OmegaConf.merge(base, *layers)
+        merged = OmegaConf.merge(base, *layers)
     except OmegaConfBaseException as e:
         raise UserError(f"config `per_method`/`per_task`: {str(e).splitlines()[0]}") from None
+    absent = object()
+    for key in _value_override_keys(job_overrides() if overrides is None else overrides):
+        value = OmegaConf.select(cfg, key, default=absent)
+        # `method=lora` picks a group (the preset still applies to it); `per_method.*` is the preset itself
+        if not isinstance(value, DictConfig) and OmegaConf.select(merged, key, default=absent) is not absent:
+            OmegaConf.update(merged, key, value, merge=False)
+    return merged
+
+
+def job_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _value_override_keys(overrides: list[str]) -> list[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return [o.key_or_group for o in parsed
+            if not o.is_delete() and "/" not in o.key_or_group and not o.key_or_group.startswith("hydra.")]
 
 
 def load_run_config(cfg: DictConfig) -> RunConfig:

@@ -25,6 +25,8 @@ from sparse_peft.models import build_model, load_tokenizer
 from sparse_peft.runio import is_completed, load_trainable
 
 TOLERANCE = 1e-6  # metrics of the reloaded export vs the run's (floats; predictions themselves must agree)
+# A run trained on a GPU and verified on a CPU (or another GPU model) differs by float rounding alone.
+CROSS_DEVICE_TOLERANCE = 1e-4
 
 
 def load_run(run_dir: Path, stage: int | None = None):
@@ -46,6 +48,8 @@ def load_run(run_dir: Path, stage: int | None = None):
     else:
         record = next((s for s in metrics.get("stages") or [] if s["stage"] == stage), None)
         expected = {"eval": record["eval"], "test": None} if record else None
+    if expected:  # runs from before metrics.json recorded its environment all ran on a CPU
+        expected["device"] = (metrics.get("environment") or {}).get("device", "cpu")
     return run, model.eval(), method, tokenizer, expected
 
 
@@ -70,15 +74,19 @@ def export(run_dir: Path, out: Path, stage: int | None = None, merge: bool = Fal
         tokenizer.save_pretrained(str(out / "merged"))
         report["merged"] = str(out / "merged")
     if verify:
-        from sparse_peft.train import evaluate_splits
+        from sparse_peft.train import environment, evaluate_splits, pick_device
 
-        reloaded = PeftModel.from_pretrained(base_model(run, tokenizer), str(out)).eval()
+        device = pick_device(run.trainer.device)
+        reloaded = PeftModel.from_pretrained(base_model(run, tokenizer), str(out)).eval().to(device)
         data = build_task_data(run.task, run.data, tokenizer)
-        got = evaluate_splits(reloaded, eval_loaders(data, run.trainer.eval_batch_size), data.task, reloaded.device)
+        got = evaluate_splits(reloaded, eval_loaders(data, run.trainer.eval_batch_size), data.task, device)
         diffs = [abs(got[split][k] - v) for split in ("eval", "test") if expected and expected[split]
                  for k, v in expected[split].items()]
+        here = environment(device)["device"]
+        tolerance = TOLERANCE if expected and expected["device"] == here else CROSS_DEVICE_TOLERANCE
         report.update(reloaded_eval=got["eval"], reloaded_test=got["test"], run_eval=expected and expected["eval"],
-                      max_abs_diff=max(diffs) if diffs else None, reproduced=bool(diffs) and max(diffs) <= TOLERANCE)
+                      run_device=expected and expected["device"], verify_device=here, tolerance=tolerance,
+                      max_abs_diff=max(diffs) if diffs else None, reproduced=bool(diffs) and max(diffs) <= tolerance)
     (out / "export.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -99,7 +107,8 @@ def main(argv=None) -> int:
         return 2
     print(json.dumps(report, indent=2))
     if args.verify and not report["reproduced"]:
-        print(f"error: the reloaded export does not reproduce the run's metrics (max diff {report['max_abs_diff']})",
+        print(f"error: the reloaded export does not reproduce the run's metrics (max diff {report['max_abs_diff']} > "
+              f"{report['tolerance']}; trained on {report['run_device']}, verified on {report['verify_device']})",
               file=sys.stderr)
         return 1
     return 0

@@ -130,8 +130,10 @@ def save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, state: TrainSta
     save_weights(trainable_state(model), tmp / "trainable.safetensors")
     if best is not None:
         save_weights(best, tmp / "best.safetensors")
+    # On a GPU, dropout draws from the CUDA generator: without its state a resumed run gets other masks.
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
+                "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng}, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps(asdict(state)))
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     os.replace(tmp, ckpt_dir)  # a checkpoint dir is either whole or absent
@@ -143,6 +145,8 @@ def load_checkpoint(ckpt_dir: Path, model, optimizer, scheduler) -> tuple[TrainS
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["torch_rng"])
+    if extra.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(extra["cuda_rng"])
     saved = json.loads((ckpt_dir / "state.json").read_text())
     state = TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
     best_path = ckpt_dir / "best.safetensors"

@@ -186,7 +186,7 @@ def train(cfg: DictConfig) -> dict:
         "steps": state.step, "epochs": state.step / steps_per_epoch, "train_time_s": round(state.train_time_s, 2),
         "peak_memory_mb": round(peak_memory_mb(device), 1), "split_protocol": run.task.split_protocol,
         "train_examples": len(data.train), "stages": logger.records("stage") if staged else None,
-        "world_size": world.size, "status": "completed",
+        "world_size": world.size, "environment": environment(device), "status": "completed",
     }
     logger.finish({f"final/{k}": v for k, v in chosen["eval"].items()})
     if not t.keep_checkpoints:
@@ -284,6 +284,15 @@ def pick_device(name: str, world: World = World()) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name, world.local_rank) if name == "cuda" else torch.device(name)
+
+
+def environment(device: torch.device) -> dict:
+    """Where the numbers came from: results from different hardware or library versions are not bit-comparable."""
+    import peft
+    import transformers
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -26,7 +26,7 @@ def free_port() -> int:
 def run(tmp_path, tiny_glue, name, nproc):
     args = ["-m", "sparse_peft.train", "model=tiny_bert", f"data.root={tiny_glue}", "task=glue/mrpc", "method=sora",
             "trainer.max_steps=6", "trainer.batch_size=8", "trainer.eval_every=3", "trainer.progress_bar=false",
-            "trainer.num_threads=1", "logger.wandb.mode=disabled", f"trainer.output_dir={tmp_path / name}",
+            "trainer.num_threads=1", "trainer.device=cpu", "logger.wandb.mode=disabled", f"trainer.output_dir={tmp_path / name}",
             f"hydra.run.dir={tmp_path / name / 'hydra'}", "method.sparse_lambda_2=0.02", "trainer.lr=0.02",
             *[f"+{o}" for o in NO_DROPOUT]]
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
@@ -60,3 +60,15 @@ def test_shard_splits_every_global_batch_and_tops_up_a_short_last_one():
     assert shard(list(range(5)), 4, World(1, 2)) == [1, 3, 0]  # last batch [4] + [0] topped up: one each
     with pytest.raises(UserError, match="divisible"):
         shard(order, 5, World(0, 2))
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    from sparse_peft.distributed import init_world
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="at most one process per GPU"):
+        init_world("auto")

@@ -215,6 +215,26 @@ def test_export_cli_verifies_a_run(tmp_path, tiny_glue, capsys):
     assert export_main([str(tmp_path / "missing")]) == 2 and "holds no completed run" in capsys.readouterr().err
 
 
+def test_export_verify_allows_float_rounding_only_across_devices(tmp_path, tiny_glue, capsys):
+    out = tmp_path / "run"
+    train(make_cfg(fast_overrides(out, tiny_glue, "method=sora", "task=glue/stsb", "trainer.max_steps=3")))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["environment"]["device"] == "cpu"
+
+    def verify_with(device, shift):  # as if the run had been trained on `device`, its metric off by `shift`
+        m = json.loads(json.dumps(metrics))
+        m["environment"]["device"] = device
+        m["eval"]["pearson"] += shift
+        (out / "metrics.json").write_text(json.dumps(m))
+        code = export_main([str(out), "--verify"])
+        return code, json.loads((out / "export" / "export.json").read_text())
+
+    code, report = verify_with("NVIDIA H100 80GB HBM3", 5e-5)
+    assert code == 0 and report["tolerance"] == 1e-4 and report["run_device"] != report["verify_device"]
+    code, report = verify_with("cpu", 5e-5)  # same device: a 5e-5 gap is a real difference
+    assert code == 1 and report["tolerance"] == 1e-6 and "trained on cpu, verified on cpu" in capsys.readouterr().err
+
+
 def test_adalora_prunes_to_its_budget_and_counts_exactly(tmp_path, tiny_glue):
     out = tmp_path / "run"
     m = train(make_cfg(fast_overrides(out, tiny_glue, "method=adalora", "trainer.max_steps=20", "trainer.lr=0.01",

@@ -56,3 +56,16 @@ def test_sora_glue_preset_gives_each_method_its_setting():
     assert job("adalora").trainer.select == "last" and s.trainer.select == "best"
     assert job("lora", "glue/sst2").data.max_train_samples == 10000 and job("lora").data.max_train_samples is None
     assert s.task.split_protocol == "sora" and s.model.name == "minilm" and s.trainer.epochs == 3
+
+
+def test_command_line_values_win_over_the_preset():
+    def job(*overrides):
+        overrides = ["+experiment=sora_glue", *overrides]
+        return load_run_config(apply_presets(make_cfg(overrides), overrides))
+
+    assert job("method=lora", "method.lora_r=4").method.lora_r == 4  # the preset says 8
+    assert job("method=lora").method.lora_r == 8
+    s = job("method=sora", "method.sparse_lambda_2=3e-4", "task=glue/sst2")
+    assert s.method.sparse_lambda_2 == 3e-4 and s.method.sparse_lambda == 1e-3 and s.data.max_train_samples == 10000
+    assert job("method=sora", "per_method.sora.method.sparse_lambda_2=2e-4").method.sparse_lambda_2 == 2e-4
+    assert job("method=full", "trainer.lr=1e-4").trainer.lr == 1e-4
