@@ -4,11 +4,11 @@
 # tables and plots with the report command into results/tables/<name>/ (<name>: the set's last path part) and
 # paste report.md between the `<!-- <name>:start/end -->` markers of README.md and results/README.md.
 # Usage: bash scripts/update_results.sh [sets...]
-#   (default: baselines experiments/sora_glue experiments/sora_glue_gpu experiments/sora_ablation_gpu
+#   (default: baselines experiments/sora_glue experiments/sora_glue_gpu experiments/sora_ablation
 #    experiments/sora_scheduler)
 set -eu
 cd "$(dirname "$0")/.."
-for set in ${*:-baselines experiments/sora_glue experiments/sora_glue_gpu experiments/sora_ablation_gpu experiments/sora_scheduler}; do
+for set in ${*:-baselines experiments/sora_glue experiments/sora_glue_gpu experiments/sora_ablation experiments/sora_scheduler}; do
   [ -d "runs/$set" ] || [ -d "results/$set" ] || continue
   while IFS= read -r m; do
     grep -qs '"status": "completed"' "$m" || continue
