@@ -74,7 +74,7 @@ def export(run_dir: Path, out: Path, stage: int | None = None, merge: bool = Fal
         tokenizer.save_pretrained(str(out / "merged"))
         report["merged"] = str(out / "merged")
     if verify:
-        from sparse_peft.train import environment, evaluate_splits, pick_device
+        from sparse_peft.train import device_name, evaluate_splits, pick_device
 
         device = pick_device(run.trainer.device)
         reloaded = PeftModel.from_pretrained(base_model(run, tokenizer), str(out)).eval().to(device)
@@ -82,7 +82,7 @@ def export(run_dir: Path, out: Path, stage: int | None = None, merge: bool = Fal
         got = evaluate_splits(reloaded, eval_loaders(data, run.trainer.eval_batch_size), data.task, device)
         diffs = [abs(got[split][k] - v) for split in ("eval", "test") if expected and expected[split]
                  for k, v in expected[split].items()]
-        here = environment(device)["device"]
+        here = device_name(device)
         tolerance = TOLERANCE if expected and expected["device"] == here else CROSS_DEVICE_TOLERANCE
         report.update(reloaded_eval=got["eval"], reloaded_test=got["test"], run_eval=expected and expected["eval"],
                       run_device=expected and expected["device"], verify_device=here, tolerance=tolerance,

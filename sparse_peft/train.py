@@ -286,12 +286,15 @@ def pick_device(name: str, world: World = World()) -> torch.device:
     return torch.device(name, world.local_rank) if name == "cuda" else torch.device(name)
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def environment(device: torch.device) -> dict:
     """Where the numbers came from: results from different hardware or library versions are not bit-comparable."""
     import peft
     import transformers
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"device": device_name(device), "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__}
 
 

@@ -26,7 +26,8 @@ def free_port() -> int:
 def run(tmp_path, tiny_glue, name, nproc):
     args = ["-m", "sparse_peft.train", "model=tiny_bert", f"data.root={tiny_glue}", "task=glue/mrpc", "method=sora",
             "trainer.max_steps=6", "trainer.batch_size=8", "trainer.eval_every=3", "trainer.progress_bar=false",
-            "trainer.num_threads=1", "trainer.device=cpu", "logger.wandb.mode=disabled", f"trainer.output_dir={tmp_path / name}",
+            "trainer.num_threads=1", "trainer.device=cpu", "logger.wandb.mode=disabled",
+            f"trainer.output_dir={tmp_path / name}",
             f"hydra.run.dir={tmp_path / name / 'hydra'}", "method.sparse_lambda_2=0.02", "trainer.lr=0.02",
             *[f"+{o}" for o in NO_DROPOUT]]
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
