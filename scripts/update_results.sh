@@ -3,12 +3,11 @@
 # command.txt or Hydra's .hydra/overrides.yaml) from runs/<set>/ into results/<set>/, then regenerate each set's
 # tables and plots with the report command into results/tables/<name>/ (<name>: the set's last path part) and
 # paste report.md between the `<!-- <name>:start/end -->` markers of README.md and results/README.md.
-# Usage: bash scripts/update_results.sh [sets...]
-#   (default: baselines experiments/sora_glue experiments/sora_glue_gpu experiments/sora_ablation
-#    experiments/sora_scheduler)
+# Usage: bash scripts/update_results.sh [sets...]   (default: every set in DEFAULT_SETS)
 set -eu
 cd "$(dirname "$0")/.."
-for set in ${*:-baselines experiments/sora_glue experiments/sora_glue_gpu experiments/sora_ablation experiments/sora_scheduler}; do
+DEFAULT_SETS="baselines experiments/sora_glue experiments/sora_glue_gpu experiments/sora_ablation experiments/sora_scheduler"
+for set in ${*:-$DEFAULT_SETS}; do
   [ -d "runs/$set" ] || [ -d "results/$set" ] || continue
   while IFS= read -r m; do
     grep -qs '"status": "completed"' "$m" || continue

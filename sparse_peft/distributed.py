@@ -35,10 +35,10 @@ def init_world(device_name: str) -> World:
     world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     if use_cuda:
-        if world.local_rank >= torch.cuda.device_count():
-            raise UserError(f"process {world.local_rank} on this node but only {torch.cuda.device_count()} CUDA "
-                            f"device(s): launch at most one process per GPU (torchrun --nproc_per_node "
-                            f"{torch.cuda.device_count()}), or use trainer.device=cpu")
+        gpus = torch.cuda.device_count()
+        if world.local_rank >= gpus:
+            raise UserError(f"process {world.local_rank} on this node but only {gpus} CUDA device(s): launch at "
+                            f"most one process per GPU (torchrun --nproc_per_node {gpus}), or use trainer.device=cpu")
         torch.cuda.set_device(world.local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
