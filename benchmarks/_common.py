@@ -1,5 +1,6 @@
 """Shared helpers for the benchmarks: compose the project's Hydra config and build a run with the functions
-sparse_peft/train.py uses (build_optimizer, forward_loss, optimizer_step), so the timed step is train.py's."""
+the training loop uses (sparse_peft/loop.py: build_optimizer, forward_loss, optimizer_step), so the timed step is
+the loop's."""
 from __future__ import annotations
 
 import argparse
@@ -14,10 +15,14 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from sparse_peft.config import load_run_config
-from sparse_peft.data import build_task_data, make_loader  # noqa: F401  (make_loader is also used by padding.py)
+from sparse_peft.loop import build_optimizer, forward_loss, optimizer_step
 from sparse_peft.methods import build_method
 from sparse_peft.models import build_model, load_tokenizer
-from sparse_peft.train import MODEL_INPUTS, build_optimizer, forward_loss, optimizer_step, plan_steps
+from sparse_peft.schedulers import plan
+from sparse_peft.tasks import build_task
+from sparse_peft.tasks.loaders import make_loader  # noqa: F401  (also used by padding.py)
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")  # GLUE's (sparse_peft.tasks.base.Task)
 
 REPO = Path(__file__).resolve().parents[1]
 BACKGROUND_NOTE = ("measured on a 2-core CPU box while a long training job ran in the background at nice 10; "
@@ -51,23 +56,23 @@ def run_config(overrides: list[str], args):
     return load_run_config(cfg)
 
 
-def build_ours(run, data, vocab_size: int, seed: int):
+def build_ours(run, data, task, tokenizer, seed: int):
     """Model, method, optimizer and scheduler exactly as train.py builds them (device: CPU)."""
-    t = run.trainer
     torch.manual_seed(seed)
-    model = build_model(run.model, data.task.num_labels, vocab_size)
-    stages, _ = plan_steps(run, len(data.train))
-    method = build_method(run.method, run.model, stages[-1].end)
-    model = method.apply(model)
-    optimizer, scheduler = build_optimizer(model, method, t, stages, run.scheduler.restart_lr)
+    model = build_model(run.model, task, tokenizer)
+    steps = plan(run, len(data.train))
+    method = build_method(run.method, run.model, steps.total_steps, task)
+    model = method.inject(model)
+    optimizer, scheduler = build_optimizer(model, method, run, steps)
     model.train()
     return model, method, optimizer, scheduler
 
 
 def load_data(run):
-    """(TaskData, vocab size) as train.py gets them."""
+    """(TaskData, task, tokenizer) as train.py gets them."""
     tokenizer = load_tokenizer(run.model)
-    return build_task_data(run.task, run.data, tokenizer), len(tokenizer)
+    task = build_task(run.task, run.data)
+    return task.load(tokenizer), task, tokenizer
 
 
 def train_step(model, method, optimizer, scheduler, batch, run, step: int) -> float:

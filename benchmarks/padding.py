@@ -32,7 +32,7 @@ from _common import (base_args, build_ours, emit, environment, load_data, make_l
 
 GOAL = 3.0
 try:  # train.py's epoch order (length-grouped when data.group_by_length), where this checkout has it
-    from sparse_peft.data import lengths, train_order
+    from sparse_peft.tasks.loaders import lengths, train_order
 except ImportError:
     train_order = None
 
@@ -65,7 +65,7 @@ def main() -> None:
     state, batches, loader_stats, order = {}, {}, {}, None
     for name, extra in variants.items():  # dynamic first: its lengths give the order both variants use
         run = run_config(common + extra, args)
-        data, vocab = load_data(run)
+        data, task, tok = load_data(run)
         if order is None:
             order, order_kind = epoch_order(run, data, args.order)
         t0 = time.perf_counter()
@@ -77,7 +77,7 @@ def main() -> None:
                                   statistics.mean(b["input_ids"].numel() for b in batches[name]),
                               "epoch_mean_real_tokens_per_batch":
                                   statistics.mean(int(b["attention_mask"].sum()) for b in batches[name])}
-        state[name] = (run, *build_ours(run, data, vocab, args.seed))
+        state[name] = (run, *build_ours(run, data, task, tok, args.seed))
     assert loader_stats["dynamic"]["examples"] == loader_stats["padded"]["examples"]
     per_epoch = len(batches["dynamic"])
     measured = per_epoch if args.full_epoch else min(args.batches, per_epoch)

@@ -27,10 +27,10 @@ def main() -> None:
 
     runs = {name: run_config([f"method={name}", "method.lora_r=8"], args) for name in ("sora", "lora")}
     assert runs["sora"].method.target_modules == runs["lora"].method.target_modules
-    data, vocab = load_data(runs["lora"])
+    data, task, tok = load_data(runs["lora"])
     batch = first_train_batch(data, runs["lora"].trainer.batch_size, args.seed)
 
-    built = {name: build_ours(run, data, vocab, args.seed) for name, run in runs.items()}
+    built = {name: build_ours(run, data, task, tok, args.seed) for name, run in runs.items()}
     losses = {name: [] for name in runs}
     counters = {name: 0 for name in runs}
 

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sparse_peft import UserError
+from sparse_peft.methods import method_config
+from sparse_peft.schedulers import check_scheduler
+from sparse_peft.schema import check_positive, typed
+from sparse_peft.tasks import task_config
 
 
 @dataclass
@@ -33,6 +37,7 @@ class TrainerConfig:
     progress_bar: bool = True
     num_threads: int = 0  # torch intra-op threads; 0: torch's default
     dry_run: bool = False  # print what would run (or is complete) and stop; also `--dry-run`
+    CHOICES: ClassVar[dict] = {"select": ("best", "last"), "device": ("auto", "cpu", "cuda")}
 
 
 @dataclass
@@ -72,51 +77,19 @@ class ModelConfig:
     modules: dict = field(default_factory=dict)  # role -> module-name pattern (query, key, ..., ffn_out)
     head_modules: list = field(default_factory=lambda: ["classifier", "pooler"])
     dtype: str = "float32"
-
-
-@dataclass
-class TaskConfig:
-    group: str = "glue"
-    name: str = "rte"
-    split_protocol: str = "glue"  # glue (train / GLUE dev) | sora (the SoRA paper's split)
+    CHOICES: ClassVar[dict] = {"source": ("package", "hub", "random")}
 
 
 @dataclass
 class SchedulerConfig:
-    name: str = "none"  # none | linear | log_linear | exp_linear (SoRA's xi schedules, sparse_peft/schedulers.py)
+    name: str = "none"  # none | linear | log_linear | exp_linear (SoRA's xi stages) | cubic (PST's sparsity per step)
     max_lambda: float = 7e-4
     lambda_num: int = 7
     stage_epochs: float = 15.0
     restart_lr: bool = True
     train_subset: int = 1000
-
-
-CHOICES = {
-    ("trainer", "select"): ("best", "last"),
-    ("trainer", "device"): ("auto", "cpu", "cuda"),
-    ("task", "split_protocol"): ("glue", "sora"),
-    ("model", "source"): ("package", "hub", "random"),
-}
-
-
-def typed(node: Any, schema: type, where: str):
-    """Merge a config node into its schema and return the dataclass instance; one clear error otherwise."""
-    try:
-        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node or {}))
-    except OmegaConfBaseException as e:
-        key = f"{where}.{e.full_key}" if getattr(e, "full_key", None) else where
-        msg = str(e).splitlines()[0]
-        raise UserError(f"config `{key}`: {msg}; fix the key or value in configs/ or on the command line") from None
-    for (node_name, key), allowed in CHOICES.items():
-        if node_name == where and getattr(obj, key) not in allowed:
-            raise UserError(f"config `{where}.{key}={getattr(obj, key)}` is not one of {list(allowed)}")
-    return obj
-
-
-def check_positive(where: str, **values: float) -> None:
-    for key, value in values.items():
-        if value is None or value <= 0:
-            raise UserError(f"config `{where}.{key}` must be > 0, got {value}")
+    initial_warmup: float = 0.1  # cubic: fraction of steps at value 0
+    final_warmup: float = 0.3  # cubic: fraction of steps at the target at the end
 
 
 @dataclass
@@ -125,7 +98,7 @@ class RunConfig:
     data: DataConfig
     logger: LoggerConfig
     model: ModelConfig
-    task: TaskConfig
+    task: Any  # the task family's dataclass, see sparse_peft.tasks
     scheduler: SchedulerConfig
     method: Any  # the method's own dataclass, see sparse_peft.methods
 
@@ -168,14 +141,12 @@ def _value_override_keys(overrides: list[str]) -> list[str]:
 
 
 def load_run_config(cfg: DictConfig) -> RunConfig:
-    from sparse_peft.methods import method_config  # late import: methods import torch
-
     run = RunConfig(
         trainer=typed(cfg.get("trainer"), TrainerConfig, "trainer"),
         data=typed(cfg.get("data"), DataConfig, "data"),
         logger=typed(cfg.get("logger"), LoggerConfig, "logger"),
         model=typed(cfg.get("model"), ModelConfig, "model"),
-        task=typed(cfg.get("task"), TaskConfig, "task"),
+        task=task_config(cfg.get("task")),
         scheduler=typed(cfg.get("scheduler"), SchedulerConfig, "scheduler"),
         method=method_config(cfg.get("method")),
     )
@@ -190,22 +161,3 @@ def load_run_config(cfg: DictConfig) -> RunConfig:
         raise UserError(f"config `logger.wandb.mode={run.logger.wandb.mode}` is not one of offline, online, disabled")
     check_scheduler(run)
     return run
-
-
-def check_scheduler(run: RunConfig) -> None:
-    from sparse_peft.methods import METHODS
-    from sparse_peft.schedulers import SCHEDULES, lambda_values
-
-    s = run.scheduler
-    if s.name not in SCHEDULES:
-        raise UserError(f"unknown scheduler `{s.name}`; choose scheduler=<name> with name in {list(SCHEDULES)}")
-    if s.name == "none":
-        return
-    if not hasattr(METHODS[run.method.name], "set_threshold"):
-        raise UserError(f"scheduler={s.name} raises a sparsity threshold in stages; method={run.method.name} has none "
-                        f"(use method=sora, or scheduler=none)")
-    if s.max_lambda < 0 or s.lambda_num < 1:
-        raise UserError(f"config `scheduler.max_lambda` must be >= 0 and `scheduler.lambda_num` >= 1, "
-                        f"got {s.max_lambda} and {s.lambda_num}")
-    check_positive("scheduler", stage_epochs=s.stage_epochs, train_subset=s.train_subset)
-    lambda_values(s.name, run.method.sparse_lambda_2, s.max_lambda, s.lambda_num)  # exp_linear: xi0 > 0

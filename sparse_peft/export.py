@@ -19,10 +19,12 @@ from transformers import set_seed
 
 from sparse_peft import UserError
 from sparse_peft.config import load_run_config
-from sparse_peft.data import build_task_data, eval_loaders, get_task
+from sparse_peft.devices import device_name, pick_device
+from sparse_peft.loop import evaluate_splits
 from sparse_peft.methods import build_method
 from sparse_peft.models import build_model, load_tokenizer
 from sparse_peft.runio import is_completed, load_trainable
+from sparse_peft.tasks import build_task
 
 TOLERANCE = 1e-6  # metrics of the reloaded export vs the run's (floats; predictions themselves must agree)
 # A run trained on a GPU and verified on a CPU (or another GPU model) differs by float rounding alone.
@@ -39,9 +41,10 @@ def load_run(run_dir: Path, stage: int | None = None):
     if not weights.exists():
         raise UserError(f"{weights} not found; --stage needs a run with a sparsifying scheduler (see its stages/)")
     tokenizer = load_tokenizer(run.model)
-    model = base_model(run, tokenizer)
-    method = build_method(run.method, run.model, metrics["steps"])
-    model = method.apply(model)
+    task = build_task(run.task, run.data)
+    model = base_model(run, task, tokenizer)
+    method = build_method(run.method, run.model, metrics["steps"], task)
+    model = method.inject(model)
     load_trainable(model, load_file(str(weights)))
     if stage is None:
         expected = {"eval": metrics["eval"], "test": metrics["test"]}
@@ -50,18 +53,18 @@ def load_run(run_dir: Path, stage: int | None = None):
         expected = {"eval": record["eval"], "test": None} if record else None
     if expected:  # runs from before metrics.json recorded its environment all ran on a CPU
         expected["device"] = (metrics.get("environment") or {}).get("device", "cpu")
-    return run, model.eval(), method, tokenizer, expected
+    return run, task, model.eval(), method, tokenizer, expected
 
 
-def base_model(run, tokenizer):
+def base_model(run, task, tokenizer):
     set_seed(run.trainer.seed)  # the same random task head as in training, should it have stayed frozen
-    return build_model(run.model, get_task(run.task.name).num_labels, len(tokenizer))
+    return build_model(run.model, task, tokenizer)
 
 
 def export(run_dir: Path, out: Path, stage: int | None = None, merge: bool = False, verify: bool = False) -> dict:
     from peft import PeftModel
 
-    run, model, method, tokenizer, expected = load_run(run_dir, stage)
+    run, task, model, method, tokenizer, expected = load_run(run_dir, stage)
     method.export(model, out)
     report = {"run_dir": str(run_dir), "out": str(out), "method": run.method.name,
               "retained_params": method.retained_params(model), "ranks": method.ranks(model)}
@@ -69,17 +72,16 @@ def export(run_dir: Path, out: Path, stage: int | None = None, merge: bool = Fal
     if (merge or verify) and not is_peft:
         raise UserError(f"method={run.method.name} exports no peft adapter; --merge and --verify need one")
     if merge:
-        merged = PeftModel.from_pretrained(base_model(run, tokenizer), str(out)).merge_and_unload()
+        merged = PeftModel.from_pretrained(base_model(run, task, tokenizer), str(out)).merge_and_unload()
         merged.save_pretrained(str(out / "merged"))
         tokenizer.save_pretrained(str(out / "merged"))
         report["merged"] = str(out / "merged")
     if verify:
-        from sparse_peft.train import device_name, evaluate_splits, pick_device
-
         device = pick_device(run.trainer.device)
-        reloaded = PeftModel.from_pretrained(base_model(run, tokenizer), str(out)).eval().to(device)
-        data = build_task_data(run.task, run.data, tokenizer)
-        got = evaluate_splits(reloaded, eval_loaders(data, run.trainer.eval_batch_size), data.task, device)
+        reloaded = PeftModel.from_pretrained(base_model(run, task, tokenizer), str(out)).eval().to(device)
+        data = task.load(tokenizer)
+        loaders = {name: task.eval_loader(split, run.trainer.eval_batch_size) for name, split in data.eval_splits.items()}
+        got = evaluate_splits(reloaded, task, loaders, device)
         diffs = [abs(got[split][k] - v) for split in ("eval", "test") if expected and expected[split]
                  for k, v in expected[split].items()]
         here = device_name(device)

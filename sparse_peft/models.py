@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from sparse_peft import UserError
 
@@ -48,15 +48,22 @@ def _hub_error(model_cfg, e: Exception) -> UserError:
                      f"or point model.path at a local directory")
 
 
-def build_model(model_cfg, num_labels: int, vocab_size: int) -> nn.Module:
-    kwargs = dict(num_labels=num_labels, problem_type="regression" if num_labels == 1 else "single_label_classification")
+AUTO_CLASSES = {"seq_cls": AutoModelForSequenceClassification, "causal_lm": AutoModelForCausalLM}
+
+
+def build_model(model_cfg, task, tokenizer) -> nn.Module:
+    """The model kind the task asks for (`task.model_kind`), with its head sized for the task."""
+    auto = AUTO_CLASSES[task.model_kind]
+    kwargs = {}
+    if task.model_kind == "seq_cls":
+        kwargs = dict(num_labels=task.num_labels,
+                      problem_type="regression" if task.num_labels == 1 else "single_label_classification")
     if model_cfg.source == "random":
-        config = AutoConfig.for_model(model_cfg.arch, vocab_size=vocab_size, **model_cfg.config, **kwargs)
-        return AutoModelForSequenceClassification.from_config(config)
+        config = AutoConfig.for_model(model_cfg.arch, vocab_size=len(tokenizer), **model_cfg.config, **kwargs)
+        return auto.from_config(config)
     path = resolve_path(model_cfg.source, model_cfg.path)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=getattr(torch, model_cfg.dtype), **kwargs)
+        return auto.from_pretrained(path, dtype=getattr(torch, model_cfg.dtype), **kwargs)
     except OSError as e:
         raise _hub_error(model_cfg, e) from None
 

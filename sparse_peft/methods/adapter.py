@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from sparse_peft import UserError
-from sparse_peft.methods.base import Method, MethodConfig, register
+from sparse_peft.methods.base import Method, MethodConfig
+from sparse_peft.methods.registry import register
 from sparse_peft.models import match_modules
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "swish": nn.SiLU}
@@ -62,6 +63,7 @@ class AdapterLinear(nn.Module):
 class Adapter(Method):
     name = "adapter"
     config_cls = AdapterConfig
+    layered = True
 
     def apply(self, model):
         for name in match_modules(model, list(self.cfg.target_modules), dict(self.model_cfg.modules)):

@@ -1,5 +1,6 @@
 """BitFit (Ben Zaken et al., 2022): only bias terms (all of them, LayerNorm biases included) and the head."""
-from sparse_peft.methods.base import Method, register
+from sparse_peft.methods.base import Method
+from sparse_peft.methods.registry import register
 
 
 @register

@@ -1,5 +1,6 @@
 """Full fine-tuning: every parameter trains."""
-from sparse_peft.methods.base import Method, register
+from sparse_peft.methods.base import Method
+from sparse_peft.methods.registry import register
 
 
 @register

@@ -1,10 +1,11 @@
 """LoRA (Hu et al., 2022) through `peft`; the task head is trained through peft's `modules_to_save`."""
 from dataclasses import dataclass, field
 
-from peft import LoraConfig, TaskType, get_peft_model
+from peft import LoraConfig, get_peft_model
 
 from sparse_peft import UserError
-from sparse_peft.methods.base import MethodConfig, Method, register
+from sparse_peft.methods.base import Method, MethodConfig
+from sparse_peft.methods.registry import register
 from sparse_peft.models import match_modules
 
 SIX_MAPS = ["query", "key", "value", "attn_out", "ffn_in", "ffn_out"]
@@ -30,10 +31,11 @@ class LoraMethodConfig(MethodConfig):
 class Lora(Method):
     name = "lora"
     config_cls = LoraMethodConfig
+    layered = True
 
     def peft_config(self, model):
         c = self.cfg
-        return LoraConfig(task_type=TaskType.SEQ_CLS, r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+        return LoraConfig(task_type=self.peft_task_type, r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
                           target_modules=match_modules(model, list(c.target_modules), dict(self.model_cfg.modules)),
                           modules_to_save=self.head_names(model) or None)
 

@@ -15,11 +15,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, TaskType, get_peft_model
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from sparse_peft import UserError
-from sparse_peft.methods.base import Method, register
+from sparse_peft.methods.base import Method
+from sparse_peft.methods.registry import register
 from sparse_peft.methods.lora import LoraMethodConfig
 from sparse_peft.models import match_modules
 
@@ -103,6 +104,8 @@ def sora_modules(model: nn.Module) -> list[tuple[str, SoraLinear]]:
 class Sora(Method):
     name = "sora"
     config_cls = SoraConfig
+    threshold_key = "sparse_lambda_2"  # xi: a sparsifying scheduler raises it in stages
+    layered = True
 
     def __init__(self, cfg, model_cfg, total_steps: int = 0):
         super().__init__(cfg, model_cfg, total_steps)
@@ -133,8 +136,14 @@ class Sora(Method):
     def set_threshold(self, xi: float) -> None:
         self.xi = xi
 
+    def state_dict(self):
+        return {"xi": self.xi}
+
+    def load_state_dict(self, state):
+        self.xi = state.get("xi", self.xi)
+
     @torch.no_grad()
-    def after_optimizer_step(self, model, optimizer, step):
+    def after_optimizer_step(self, model, optimizer, step, loss=None):
         group = next(g for g in optimizer.param_groups if g.get("name") == GATES_GROUP)
         xi = self.xi * group["lr"] if self.cfg.threshold_scaling == "lr" else self.xi
         if xi > 0:
@@ -163,7 +172,7 @@ class Sora(Method):
                             "lower method.sparse_lambda_2 or the scheduler's max_lambda")
         s = self.cfg.lora_alpha / self.cfg.lora_r
         config = LoraConfig(
-            task_type=TaskType.SEQ_CLS, r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, target_modules=sorted(kept),
+            task_type=self.peft_task_type, r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, target_modules=sorted(kept),
             rank_pattern={re.escape(n): a.shape[0] for n, (a, _) in kept.items()},
             alpha_pattern={re.escape(n): s * a.shape[0] for n, (a, _) in kept.items()},  # keeps alpha/r == s
             modules_to_save=self.head_names(model) or None)

@@ -1,4 +1,6 @@
-"""GLUE: the nine tasks, read from local TSV/parquet files (with their quirks) or from the hub, and split.
+"""GLUE: the nine tasks, read from local TSV/parquet files (with their quirks) or from the hub, split by the
+chosen protocol, tokenised, and scored with scikit-learn / scipy (the hub's `evaluate` scripts are not reachable
+offline).
 
 Labels use the integer ids of the hub's `nyu-mll/glue`, so local files and the hub give identical data.
 """
@@ -11,15 +13,21 @@ from pathlib import Path
 from typing import Optional
 
 import datasets
+import numpy as np
 import torch
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from transformers import DataCollatorWithPadding
 
 from sparse_peft import UserError
+from sparse_peft.tasks.base import Task, TaskData
+from sparse_peft.tasks.loaders import cache_dir, eval_loader, subset, tokenize
 
 HUB_ID = "nyu-mll/glue"
 
 
 @dataclass(frozen=True)
-class GlueTask:
+class GlueSpec:
     name: str
     text_keys: tuple  # one or two text columns
     num_labels: int  # 1 = regression
@@ -39,22 +47,22 @@ class GlueTask:
 GLUE_TASKS = {
     t.name: t
     for t in [
-        GlueTask("cola", ("sentence",), 2, "matthews_correlation",
+        GlueSpec("cola", ("sentence",), 2, "matthews_correlation",
                  tsv_columns=("source", "label", "original_label", "sentence")),
-        GlueTask("sst2", ("sentence",), 2, "accuracy", sora_large=True),
-        GlueTask("mrpc", ("sentence1", "sentence2"), 2, "f1",
+        GlueSpec("sst2", ("sentence",), 2, "accuracy", sora_large=True),
+        GlueSpec("mrpc", ("sentence1", "sentence2"), 2, "f1",
                  tsv_rename={"Quality": "label", "#1 String": "sentence1", "#2 String": "sentence2"}),
-        GlueTask("qqp", ("question1", "question2"), 2, "accuracy", sora_large=True,
+        GlueSpec("qqp", ("question1", "question2"), 2, "accuracy", sora_large=True,
                  tsv_rename={"is_duplicate": "label"}),
-        GlueTask("stsb", ("sentence1", "sentence2"), 1, "pearson", tsv_rename={"score": "label"}),
-        GlueTask("mnli", ("premise", "hypothesis"), 3, "accuracy",
+        GlueSpec("stsb", ("sentence1", "sentence2"), 1, "pearson", tsv_rename={"score": "label"}),
+        GlueSpec("mnli", ("premise", "hypothesis"), 3, "accuracy",
                  label_names=("entailment", "neutral", "contradiction"),
                  tsv_rename={"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label"},
                  validation_splits=("validation_matched", "validation_mismatched")),
-        GlueTask("qnli", ("question", "sentence"), 2, "accuracy", label_names=("entailment", "not_entailment"),
+        GlueSpec("qnli", ("question", "sentence"), 2, "accuracy", label_names=("entailment", "not_entailment"),
                  sora_large=True),
-        GlueTask("rte", ("sentence1", "sentence2"), 2, "accuracy", label_names=("entailment", "not_entailment")),
-        GlueTask("wnli", ("sentence1", "sentence2"), 2, "accuracy"),
+        GlueSpec("rte", ("sentence1", "sentence2"), 2, "accuracy", label_names=("entailment", "not_entailment")),
+        GlueSpec("wnli", ("sentence1", "sentence2"), 2, "accuracy"),
     ]
 }
 
@@ -68,13 +76,13 @@ SPLIT_ALIASES = {
 }
 
 
-def get_task(name: str) -> GlueTask:
+def get_spec(name: str) -> GlueSpec:
     if name not in GLUE_TASKS:
         raise UserError(f"unknown GLUE task `{name}`; choose task=glue/<name> with name in {sorted(GLUE_TASKS)}")
     return GLUE_TASKS[name]
 
 
-def _label_value(task: GlueTask, raw: str, where: str):
+def _label_value(task: GlueSpec, raw: str, where: str):
     if task.is_regression:
         try:
             return float(raw)
@@ -90,7 +98,7 @@ def _label_value(task: GlueTask, raw: str, where: str):
         raise UserError(f"{where}: label `{raw}` is not an integer; fix or remove the row") from None
 
 
-def read_glue_tsv(task: GlueTask, path: Path) -> datasets.Dataset:
+def read_glue_tsv(task: GlueSpec, path: Path) -> datasets.Dataset:
     """Read a GLUE TSV as the original loader does: tab-separated, no quoting (quotes are text), BOM stripped."""
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
@@ -122,7 +130,7 @@ def read_glue_tsv(task: GlueTask, path: Path) -> datasets.Dataset:
     return datasets.Dataset.from_dict(columns, features=features)
 
 
-def read_glue_file(task: GlueTask, path: Path) -> datasets.Dataset:
+def read_glue_file(task: GlueSpec, path: Path) -> datasets.Dataset:
     if path.suffix == ".tsv":
         return read_glue_tsv(task, path)
     ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
@@ -145,7 +153,7 @@ def data_root(root: Optional[str]) -> Optional[Path]:
     return Path(root).expanduser() if root else None
 
 
-def load_raw_glue(task: GlueTask, root: Optional[Path], splits: tuple) -> dict[str, datasets.Dataset]:
+def load_raw_glue(task: GlueSpec, root: Optional[Path], splits: tuple) -> dict[str, datasets.Dataset]:
     if root is not None:
         task_dir = root / "glue" / task.name
         if not task_dir.is_dir():
@@ -180,7 +188,7 @@ def load_glue(task_name: str, root: Optional[str], split_protocol: str) -> dict[
           first half validation, second half test; large tasks (sst2, qnli, qqp): first 1000 of the
           shuffled train set are validation, the rest train, the GLUE dev set is the test set.
     """
-    task = get_task(task_name)
+    task = get_spec(task_name)
     raw = load_raw_glue(task, data_root(root), ("train", *task.validation_splits))
     dev_name = task.validation_splits[0]
     if split_protocol == "glue":
@@ -194,3 +202,71 @@ def load_glue(task_name: str, root: Optional[str], split_protocol: str) -> dict[
     perm = _seeded_perm(len(dev))
     half = len(dev) // 2
     return {"train": raw["train"], "validation": dev.select(perm[:half]), "test": dev.select(perm[half:])}
+
+
+METRICS_BY_TASK = {
+    "cola": ("matthews_correlation",),
+    "mrpc": ("f1", "accuracy"),
+    "qqp": ("f1", "accuracy"),
+    "stsb": ("pearson", "spearmanr"),
+}
+
+
+def glue_metrics(task_name: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """`predictions`: class ids, or scores for STS-B. Names follow the hub's glue metric; the first selects."""
+    out = {}
+    for name in METRICS_BY_TASK.get(task_name, ("accuracy",)):
+        if name == "accuracy":
+            out[name] = float(accuracy_score(labels, predictions))
+        elif name == "f1":
+            out[name] = float(f1_score(labels, predictions))
+        elif name == "matthews_correlation":
+            out[name] = float(matthews_corrcoef(labels, predictions))
+        elif name == "pearson":
+            out[name] = float(pearsonr(predictions, labels)[0]) if np.std(predictions) > 0 else 0.0
+        elif name == "spearmanr":
+            out[name] = float(spearmanr(predictions, labels)[0]) if np.std(predictions) > 0 else 0.0
+    return out
+
+
+class Glue(Task):
+    """A GLUE task: sequence classification (STS-B: regression), metrics of the hub's glue metric."""
+
+    group = "glue"
+    model_kind = "seq_cls"
+
+    def __init__(self, task_cfg, data_cfg):
+        super().__init__(task_cfg, data_cfg)
+        self.spec = get_spec(task_cfg.name)
+        self.name, self.num_labels, self.metric = self.spec.name, self.spec.num_labels, self.spec.metric
+
+    def load(self, tokenizer) -> TaskData:
+        d, spec = self.data_cfg, self.spec
+        splits = load_glue(spec.name, d.root, self.cfg.split_protocol)
+
+        def fn(batch):
+            return tokenizer(*[batch[k] for k in spec.text_keys], truncation=True, max_length=d.max_length,
+                             padding="max_length" if d.pad_to_max_length else False)
+
+        key = [tokenizer.name_or_path, len(tokenizer), d.max_length, d.pad_to_max_length, spec.text_keys]
+        tok = lambda ds: tokenize(ds, fn, list(spec.text_keys), spec.name, key, cache_dir(d.cache_dir))  # noqa: E731
+        train = tok(subset(splits.pop("train"), d.max_train_samples))
+        evals = {name: tok(subset(ds, d.max_eval_samples)) for name, ds in splits.items()}
+        self.collator = DataCollatorWithPadding(tokenizer)
+        return TaskData(train, evals, self.collator, {"split_protocol": self.cfg.split_protocol})
+
+    def eval_loader(self, split, batch_size):
+        return eval_loader(split, self.collator, batch_size)
+
+    @torch.no_grad()
+    def evaluate(self, model, loader, device):
+        was_training = model.training
+        model.eval()
+        logits, labels = [], []
+        for batch in loader:
+            labels.append(batch.pop("labels").numpy())
+            logits.append(model(**self.inputs(batch, device)).logits.float().cpu().numpy())
+        model.train(was_training)
+        logits, labels = np.concatenate(logits), np.concatenate(labels)
+        preds = logits[:, 0] if self.spec.is_regression else logits.argmax(-1)
+        return glue_metrics(self.name, preds, labels)

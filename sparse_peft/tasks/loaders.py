@@ -1,51 +1,33 @@
-"""Tokenisation (datasets.map, cached on disk) and dataloaders with dynamic or fixed padding."""
+"""Shared by every task: tokenisation cached on disk, seeded subsets, the per-epoch training order, loaders."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import datasets
 import torch
 from torch.utils.data import DataLoader
-from transformers import DataCollatorWithPadding
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from sparse_peft.data.glue import GlueTask, get_task, load_glue
 
-
-@dataclass
-class TaskData:
-    task: GlueTask
-    train: datasets.Dataset
-    eval_splits: dict  # name -> tokenised dataset; "validation" selects the checkpoint
-    collator: object
-
-
-def _cache_dir(cache_dir: str | None) -> Path:
+def cache_dir(cache_dir: str | None) -> Path:
     if cache_dir:
         return Path(cache_dir).expanduser()
     base = os.environ.get("HF_DATASETS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "datasets")
     return Path(base) / "sparse_peft"
 
 
-def tokenize(ds: datasets.Dataset, task: GlueTask, tokenizer, max_length: int, pad_to_max_length: bool,
-             cache_dir: Path) -> datasets.Dataset:
-    # Key the cache on the data itself and on everything that changes the tokens.
-    key = hashlib.sha256(json.dumps([ds._fingerprint, tokenizer.name_or_path, len(tokenizer), max_length,
-                                     pad_to_max_length, task.text_keys]).encode()).hexdigest()[:20]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-
-    def fn(batch):
-        texts = [batch[k] for k in task.text_keys]
-        return tokenizer(*texts, truncation=True, max_length=max_length,
-                         padding="max_length" if pad_to_max_length else False)
-
-    return ds.map(fn, batched=True, remove_columns=list(task.text_keys),
-                  cache_file_name=str(cache_dir / f"{task.name}-{key}.arrow"), new_fingerprint=key,
-                  desc=f"tokenising {task.name}")
+def tokenize(ds: datasets.Dataset, fn: Callable, remove_columns: list[str], name: str, key_parts: list,
+             cache: Path) -> datasets.Dataset:
+    """`ds.map(fn, batched=True)` cached under a key of the data itself and of everything that changes the tokens
+    (`key_parts`: tokenizer, lengths, prompt template, ...)."""
+    key = hashlib.sha256(json.dumps([ds._fingerprint, *key_parts]).encode()).hexdigest()[:20]
+    cache.mkdir(parents=True, exist_ok=True)
+    return ds.map(fn, batched=True, remove_columns=remove_columns, cache_file_name=str(cache / f"{name}-{key}.arrow"),
+                  new_fingerprint=key, desc=f"tokenising {name}")
 
 
 def subset(ds: datasets.Dataset, n: int | None, seed: int = 42) -> datasets.Dataset:
@@ -53,16 +35,6 @@ def subset(ds: datasets.Dataset, n: int | None, seed: int = 42) -> datasets.Data
     if n is None or n >= len(ds):
         return ds
     return ds.shuffle(seed=seed).select(range(n))
-
-
-def build_task_data(task_cfg, data_cfg, tokenizer) -> TaskData:
-    task = get_task(task_cfg.name)
-    splits = load_glue(task.name, data_cfg.root, task_cfg.split_protocol)
-    cache = _cache_dir(data_cfg.cache_dir)
-    tok = lambda ds: tokenize(ds, task, tokenizer, data_cfg.max_length, data_cfg.pad_to_max_length, cache)  # noqa: E731
-    train = tok(subset(splits.pop("train"), data_cfg.max_train_samples))
-    evals = {name: tok(subset(ds, data_cfg.max_eval_samples)) for name, ds in splits.items()}
-    return TaskData(task, train, evals, DataCollatorWithPadding(tokenizer))
 
 
 def train_order(lengths: list[int], batch_size: int, seed: int, group_by_length: bool) -> list[int]:
@@ -82,11 +54,6 @@ def eval_loader(ds: datasets.Dataset, collator, batch_size: int) -> DataLoader:
     # Longest first: little padding, fast; every example is scored once, so metrics ignore the order.
     order = sorted(range(len(ds)), key=lengths(ds).__getitem__, reverse=True)
     return make_loader(ds, collator, batch_size, sampler=order)
-
-
-def eval_loaders(data: TaskData, batch_size: int) -> dict[str, DataLoader]:
-    """One length-sorted loader per evaluation split (validation, test, MNLI mismatched)."""
-    return {name: eval_loader(ds, data.collator, batch_size) for name, ds in data.eval_splits.items()}
 
 
 def make_loader(ds: datasets.Dataset, collator, batch_size: int, sampler: list[int], num_workers: int = 0) -> DataLoader:
