@@ -15,7 +15,8 @@ def test_every_option_composes(group):
     for name in options(group):
         extra = ["method=sora"] if group == "scheduler" else []  # the xi schedules need a method with a threshold
         run = load_run_config(make_cfg([f"{group}={name}", *extra]))
-        assert run is not None
+        node = getattr(run, group)  # the option's own file was composed and typed, not a default
+        assert (f"{node.group}/{node.name}" if group == "task" else node.name) == name
 
 
 def test_defaults():

@@ -23,7 +23,12 @@ def test_lora_on_real_rte(tmp_path, shared_data):
     lora = 6 * (4 * 8 * (384 + 384) + 2 * 8 * (384 + 1536))
     assert m["trainable_params"] == m["retained_params"] == lora + 384 * 384 + 384 + 384 * 2 + 2
     assert m["total_params"] == 22_713_986  # MiniLM-L6 + pooler + classifier
-    assert 0.0 <= m["eval"]["accuracy"] <= 1.0 and m["steps"] == 3
+    assert m["steps"] == 3
+    # the reported accuracy is the curve's at the chosen step, and the saved weights reproduce it when reloaded
+    curve = [json.loads(x) for x in (tmp_path / "run" / "curve.jsonl").read_text().splitlines()]
+    assert m["eval"] == next(c["eval"] for c in curve if c["step"] == m["best_step"])
+    report = export(tmp_path / "run", tmp_path / "adapter", verify=True)
+    assert report["reproduced"] and report["reloaded_eval"] == pytest.approx(m["eval"], abs=1e-6), report
 
 
 def test_lora_learns_real_stsb(tmp_path, shared_data):

@@ -16,6 +16,7 @@ from sparse_peft.export import export, main as export_main
 from sparse_peft.methods import build_method
 from sparse_peft.methods.sora import GATES_GROUP, soft_threshold, sora_modules
 from sparse_peft.models import build_model, load_tokenizer
+from sparse_peft.tasks import build_task
 from sparse_peft.report import stages_report
 from sparse_peft.schedulers import lambda_values
 from sparse_peft.loop import forward_loss, optimizer_step
@@ -44,7 +45,7 @@ def sora(*extra, model="tiny_bert"):
     tok = load_tokenizer(run.model)
     torch.manual_seed(0)
     method = build_method(run.method, run.model)
-    return run, method, method.apply(build_model(run.model, 2, len(tok)))
+    return run, method, method.inject(build_model(run.model, build_task(run.task, run.data), tok))
 
 
 def randomize(model, zero_ranks: dict):
@@ -89,7 +90,7 @@ def test_compaction_and_the_peft_export_keep_the_logits(tmp_path):
     assert sorted(cfg["rank_pattern"].values()) == sorted(r for r in method.ranks(model).values() if r)
     assert all(cfg["alpha_pattern"][k] / r == 16 / 8 for k, r in cfg["rank_pattern"].items())  # scaling kept
     torch.manual_seed(0)  # the same random-init base as in sora()
-    base = build_model(run.model, 2, len(load_tokenizer(run.model)))
+    base = build_model(run.model, build_task(run.task, run.data), load_tokenizer(run.model))
     torch.nn.init.normal_(base.classifier.weight)  # the exported head (modules_to_save) must replace it
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     assert torch.allclose(loaded(**x).logits, gated, atol=1e-6)

@@ -63,7 +63,7 @@ class AdapterLinear(nn.Module):
 class Adapter(Method):
     name = "adapter"
     config_cls = AdapterConfig
-    layered = True
+    layered, layer_types = True, (AdapterLinear,)
 
     def apply(self, model):
         for name in match_modules(model, list(self.cfg.target_modules), dict(self.model_cfg.modules)):

@@ -151,22 +151,25 @@ class Method:
                 groups.setdefault(layer_of(n), []).append((n, p))
         return dict(sorted(groups.items()))
 
+    layer_types: tuple = ()  # the module classes the method injects (they carry `scaling_attr`)
+
     def layer_modules(self, model: nn.Module) -> dict[int, list[nn.Module]]:
-        """The injected modules (those with `scaling_attr`) grouped by block."""
+        """The injected modules grouped by block."""
         groups: dict[int, list] = {}
         for n, m in model.named_modules():
-            if hasattr(m, self.scaling_attr) and layer_of(n + ".") is not None:
+            if isinstance(m, self.layer_types) and layer_of(n + ".") is not None:
                 groups.setdefault(layer_of(n + "."), []).append(m)
         return dict(sorted(groups.items()))
 
     def scale_layer(self, model: nn.Module, layer: int, factor: float) -> None:
-        """Multiply the output scaling of the method's modules in block `layer` by `factor` (IST's suppression);
-        `factor` 1/f undoes f."""
+        """Set the output scaling of the method's modules in block `layer` to `factor` times their own (IST's
+        suppression); factor 1 restores it exactly."""
+        if not hasattr(self, "_own_scaling"):
+            self._own_scaling = {}
         for m in self.layer_modules(model).get(layer, []):
-            s = getattr(m, self.scaling_attr)
+            s = self._own_scaling.setdefault(id(m), getattr(m, self.scaling_attr))
             if isinstance(s, dict):  # peft layers: {adapter name: scaling}
-                for k in s:
-                    s[k] = s[k] * factor
+                setattr(m, self.scaling_attr, {k: v * factor for k, v in s.items()})
             else:
                 setattr(m, self.scaling_attr, s * factor)
 

@@ -2,6 +2,7 @@
 from dataclasses import dataclass, field
 
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 
 from sparse_peft import UserError
 from sparse_peft.methods.base import Method, MethodConfig
@@ -31,7 +32,7 @@ class LoraMethodConfig(MethodConfig):
 class Lora(Method):
     name = "lora"
     config_cls = LoraMethodConfig
-    layered = True
+    layered, layer_types = True, (LoraLayer,)
 
     def peft_config(self, model):
         c = self.cfg

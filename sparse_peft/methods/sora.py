@@ -105,10 +105,10 @@ class Sora(Method):
     name = "sora"
     config_cls = SoraConfig
     threshold_key = "sparse_lambda_2"  # xi: a sparsifying scheduler raises it in stages
-    layered = True
+    layered, layer_types = True, (SoraLinear,)
 
-    def __init__(self, cfg, model_cfg, total_steps: int = 0):
-        super().__init__(cfg, model_cfg, total_steps)
+    def __init__(self, cfg, model_cfg, total_steps: int = 0, task=None):
+        super().__init__(cfg, model_cfg, total_steps, task)
         self.xi = cfg.sparse_lambda_2
 
     def apply(self, model):
