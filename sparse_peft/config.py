@@ -103,20 +103,27 @@ class RunConfig:
     method: Any  # the method's own dataclass, see sparse_peft.methods
 
 
+PRESET_KEYS = ("per_method", "per_task", "per_method_task")
+
+
 def apply_presets(cfg: DictConfig, overrides: Optional[list[str]] = None) -> DictConfig:
-    """Experiment presets hold values that depend on the job's method or task (`per_method.<name>`,
-    `per_task.<name>`: partial configs, e.g. each method's learning rate in one sweep). Merged over the composed
-    config, task last; the result is what the run uses and saves. A value set on the command line
-    (`overrides`, default: Hydra's for this job) wins over the preset's, so `method.lora_r=4` means r 4."""
-    layers = [(cfg.get("per_method") or {}).get(cfg.method.name), (cfg.get("per_task") or {}).get(cfg.task.name)]
+    """Experiment presets hold values that depend on the job's method or task: `per_method.<method>`,
+    `per_task.<task>` and `per_method_task.<method>@<task>` are partial configs (e.g. each method's learning rate
+    per task in one sweep), merged over the composed config in that order; `<method>` is the method's `label`
+    when it has one (`lora_r4`, `sora_gates_only`), else its name. The result is what the run uses and saves. A
+    value set on the command line (`overrides`, default: Hydra's for this job) wins over the preset's, so
+    `method.lora_r=4` means r 4."""
+    method, task = cfg.method.get("label") or cfg.method.name, cfg.task.name
+    layers = [(cfg.get("per_method") or {}).get(method), (cfg.get("per_task") or {}).get(task),
+              (cfg.get("per_method_task") or {}).get(f"{method}@{task}")]
     layers = [layer for layer in layers if layer]
     if not layers:
         return cfg
-    base = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("per_method", "per_task")])
+    base = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in PRESET_KEYS])
     try:
         merged = OmegaConf.merge(base, *layers)
     except OmegaConfBaseException as e:
-        raise UserError(f"config `per_method`/`per_task`: {str(e).splitlines()[0]}") from None
+        raise UserError(f"config `per_method`/`per_task`/`per_method_task`: {str(e).splitlines()[0]}") from None
     absent = object()
     for key in _value_override_keys(job_overrides() if overrides is None else overrides):
         value = OmegaConf.select(cfg, key, default=absent)

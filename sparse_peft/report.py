@@ -11,6 +11,10 @@ Finds every run's `metrics.json` below <dir> (single runs and Hydra sweeps alike
   generalization / memorization against retained parameters).
 Group-by keys are `method`, `task`, `model`, or any dotted config key (`method.sparse_lambda`, `trainer.lr`).
 `--stages DIR` instead treats <dir> as one scheduler run: its per-stage table and plot (stages.md, stages.png).
+`--choose KEY` (e.g. `trainer.lr`) selects KEY per method and task on the validation metric (mean over seeds) and
+writes `choice.md`: every value's mean, the chosen one marked. With `--out`, SoRA runs also get
+`gate_diagnostics.png`: the share of surviving ranks that were among the largest initial gates, against chance,
+and the gates that grew between evaluations (is the sparsity data-driven?).
 """
 from __future__ import annotations
 
@@ -209,6 +213,61 @@ def stages_report(run_dir: Path, out_dir: Path, plot_name: str = "stages.png") -
     return text
 
 
+def choose(runs: list[dict], key: str, metric: str | None = None) -> tuple[str, dict]:
+    """Per (method, task): the value of `key` with the best mean validation metric over seeds, and a table of
+    every value's mean ± std (n), the chosen one in bold."""
+    cells = defaultdict(list)
+    for r in runs:
+        value = metric_of(r, metric, "eval")
+        if value is not None:
+            cells[(r["method"], r["task"], key_value(r, key))].append(value)
+    chosen = {}
+    for (m, t, v), vals in cells.items():
+        best = chosen.get((m, t))
+        if best is None or statistics.fmean(vals) > statistics.fmean(cells[(m, t, best)]):
+            chosen[(m, t)] = v
+    values = sorted({v for _, _, v in cells}, key=lambda v: (str(type(v)), v))
+    lines = [f"Selection of `{key}` on the validation metric (mean ± std over seeds, x100); chosen in bold.", "",
+             "| method | task | " + " | ".join(map(str, values)) + " | chosen |", "|" + "---|" * (len(values) + 3)]
+    for m, t in sorted(chosen):
+        out = []
+        for v in values:
+            vals = cells.get((m, t, v))
+            text = fmt(vals) if vals else "–"
+            out.append(f"**{text}**" if vals and v == chosen[(m, t)] else text)
+        lines.append(f"| {m} | {t} | " + " | ".join(out) + f" | {chosen[(m, t)]} |")
+    return "\n".join(lines) + "\n", chosen
+
+
+def plot_gate_diagnostics(runs: list[dict], path: Path) -> bool:
+    """SoRA runs' `gate_overlap` (vs `gate_overlap_chance`) and `gates_grown` over training steps."""
+    curves = []
+    for r in runs:
+        lines = (Path(r["dir"]) / "curve.jsonl").read_text().splitlines() if (Path(r["dir"]) / "curve.jsonl").exists() else []
+        recs = [x for x in map(json.loads, filter(str.strip, lines)) if x.get("type") == "eval" and x.get("gate_overlap") is not None]
+        if recs:
+            curves.append((r, recs))
+    if not curves:
+        return False
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r, recs in curves:
+        label = f"{r['method']} {r['task']} s{r['seed']}"
+        steps = [x["step"] for x in recs]
+        line, = ax1.plot(steps, [x["gate_overlap"] for x in recs], label=label)
+        ax1.plot(steps, [x["gate_overlap_chance"] for x in recs], ":", color=line.get_color())
+        ax2.plot(steps, [x["gates_grown"] for x in recs], color=line.get_color())
+    ax1.set(xlabel="step", ylabel="kept ranks among the top initial |g|", ylim=(0, 1.05),
+            title="overlap with the initial draw (dotted: chance)")
+    ax2.set(xlabel="step", ylabel="gates whose |g| grew since the last evaluation", title="gates that grew")
+    if len(curves) <= 12:
+        ax1.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m sparse_peft.report", description=__doc__.split("\n\n")[0])
     p.add_argument("root", type=Path)
@@ -217,6 +276,8 @@ def main(argv=None) -> None:
     p.add_argument("--metric", default=None, help="a metric name (default: each task's selection metric)")
     p.add_argument("--group-by", default="method,task", help="comma-separated keys (default: method,task)")
     p.add_argument("--out", type=Path, default=None, help="write report.md, summary.csv, runs.csv and plots here")
+    p.add_argument("--choose", default=None, metavar="KEY",
+                   help="select KEY (e.g. trainer.lr) per method and task on the validation metric; writes choice.md")
     p.add_argument("--stages", type=Path, default=None, metavar="DIR",
                    help="root is one scheduler run: write its per-stage table and plot (stages.md, stages.png) to DIR")
     a = p.parse_args(argv)
@@ -229,6 +290,13 @@ def main(argv=None) -> None:
     runs, incomplete = collect(a.root)
     if not runs:
         raise SystemExit(f"error: no completed run (metrics.json with status completed) below {a.root}")
+    if a.choose:
+        text, _ = choose(runs, a.choose, a.metric)
+        if a.out:
+            a.out.mkdir(parents=True, exist_ok=True)
+            (a.out / "choice.md").write_text(text)
+        print(text, end="")
+        return
     text = tables(runs, group_by, a.metric, a.split)
     if incomplete:
         text += "\nIncomplete or failed runs (not averaged): " + ", ".join(str(d) for d in incomplete) + "\n"
@@ -237,6 +305,7 @@ def main(argv=None) -> None:
         (a.out / "report.md").write_text(text)
         write_csvs(runs, group_by, a.metric, a.split, a.out)
         plot_retained(runs, group_by, a.metric, a.split, a.out / "retained_vs_metric.png")
+        plot_gate_diagnostics(runs, a.out / "gate_diagnostics.png")
         for r in runs:
             if stage_records(Path(r["dir"])):
                 name = str(Path(r["dir"]).relative_to(a.root)).replace("/", "_").strip(".") or "run"

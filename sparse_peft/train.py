@@ -75,7 +75,7 @@ def train(cfg: DictConfig) -> dict:
         load_trainable(model, last_weights)
     save_weights(method.trained_state(model), out / "model.safetensors")  # what metrics.json reports; for export
     metrics = {
-        "method": run.method.name, "task": run.task.name, "model": run.model.name, "seed": t.seed,
+        "method": run.method.label or run.method.name, "task": run.task.name, "model": run.model.name, "seed": t.seed,
         "eval": chosen["eval"], "test": chosen["test"], "checkpoint": t.select,
         "selection_metric": task.metric, "best_step": state.best_step,
         "eval_best": best_scores["eval"], "test_best": best_scores["test"],

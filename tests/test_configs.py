@@ -16,7 +16,8 @@ def test_every_option_composes(group):
         extra = ["method=sora"] if group == "scheduler" else []  # the xi schedules need a method with a threshold
         run = load_run_config(make_cfg([f"{group}={name}", *extra]))
         node = getattr(run, group)  # the option's own file was composed and typed, not a default
-        assert (f"{node.group}/{node.name}" if group == "task" else node.name) == name
+        composed = {"task": lambda: f"{node.group}/{node.name}", "method": lambda: node.label or node.name}
+        assert composed.get(group, lambda: node.name)() == name
 
 
 def test_defaults():

@@ -39,6 +39,7 @@ from sparse_peft.runio import save_weights
 class MethodConfig:
     name: str = ""
     train_head: bool = True  # the task head (classifier, pooler) is trained for every method
+    label: Optional[str] = None  # a variant's name in results and presets (lora_r4, sora_gates_only); null: `name`
 
 
 def count(params) -> int:

@@ -118,6 +118,8 @@ class Sora(Method):
             parent = model.get_submodule(parent_name)
             setattr(parent, child, SoraLinear(getattr(parent, child), c.lora_r, c.lora_alpha, c.lora_dropout))
         self.freeze_except(model, lambda n: ".lora_" in n)
+        self.initial_gates = {n: m.lora_gate.detach().abs().cpu().clone() for n, m in sora_modules(model)}
+        self.last_gates = {n: g.clone() for n, g in self.initial_gates.items()}
         return model
 
     def param_groups(self, model, lr, weight_decay):
@@ -137,10 +139,30 @@ class Sora(Method):
         self.xi = xi
 
     def state_dict(self):
-        return {"xi": self.xi}
+        return {"xi": self.xi, "initial_gates": self.initial_gates, "last_gates": self.last_gates}
 
     def load_state_dict(self, state):
         self.xi = state.get("xi", self.xi)
+        self.initial_gates = state.get("initial_gates", self.initial_gates)
+        self.last_gates = state.get("last_gates", self.last_gates)
+
+    @torch.no_grad()
+    def log_values(self, model):
+        """Is the sparsity data-driven? `gate_overlap`: the share of surviving ranks that were, in their module,
+        among the largest initial |g| (k survivors vs the top k at initialisation); `gate_overlap_chance`: the
+        same share if survivors were drawn at random (k / r per module); `gates_grown`: gates whose |g| grew since
+        the previous evaluation. An overlap near 1 with no gate growing means pruning by the initial draw."""
+        kept = overlap = chance = grown = 0
+        for name, m in sora_modules(model):
+            g = m.lora_gate.detach().abs().cpu()
+            idx = set(g.nonzero().flatten().tolist())
+            k, r = len(idx), g.numel()
+            top = set(torch.topk(self.initial_gates[name], k).indices.tolist()) if k else set()
+            kept, overlap, chance = kept + k, overlap + len(idx & top), chance + k * k / r
+            grown += int((g > self.last_gates[name]).sum())
+            self.last_gates[name] = g.clone()
+        return {"gate_overlap": overlap / kept if kept else None, "gate_overlap_chance": chance / kept if kept else None,
+                "gates_grown": grown}
 
     @torch.no_grad()
     def after_optimizer_step(self, model, optimizer, step, loss=None):
