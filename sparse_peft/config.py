@@ -164,6 +164,10 @@ def load_run_config(cfg: DictConfig) -> RunConfig:
     if not 0 <= t.warmup_ratio < 1:
         raise UserError(f"config `trainer.warmup_ratio` must be in [0, 1), got {t.warmup_ratio}")
     check_positive("data", max_length=run.data.max_length)
+    for key in ("max_train_samples", "max_eval_samples"):
+        value = getattr(run.data, key)
+        if value is not None and value < 1:
+            raise UserError(f"config `data.{key}` must be >= 1 (or null for all examples), got {value}")
     if run.logger.wandb.mode not in ("offline", "online", "disabled"):
         raise UserError(f"config `logger.wandb.mode={run.logger.wandb.mode}` is not one of offline, online, disabled")
     check_scheduler(run)

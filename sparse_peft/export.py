@@ -39,7 +39,9 @@ def load_run(run_dir: Path, stage: int | None = None):
     run = load_run_config(OmegaConf.load(run_dir / "config.yaml"))
     weights = run_dir / ("model.safetensors" if stage is None else f"stages/stage{stage}.safetensors")
     if not weights.exists():
-        raise UserError(f"{weights} not found; --stage needs a run with a sparsifying scheduler (see its stages/)")
+        hint = ("--stage needs a run with a sparsifying scheduler (see its stages/)" if stage is not None else
+                "the run's trained weights are missing; re-run it with trainer.overwrite=true")
+        raise UserError(f"{weights} not found; {hint}")
     tokenizer = load_tokenizer(run.model)
     task = build_task(run.task, run.data)
     model = base_model(run, task, tokenizer)
@@ -65,12 +67,11 @@ def export(run_dir: Path, out: Path, stage: int | None = None, merge: bool = Fal
     from peft import PeftModel
 
     run, task, model, method, tokenizer, expected = load_run(run_dir, stage)
+    if (merge or verify) and method.export_format != "peft":  # checked before anything is written
+        raise UserError(f"method={run.method.name} exports no peft adapter; --merge and --verify need one")
     method.export(model, out)
     report = {"run_dir": str(run_dir), "out": str(out), "method": run.method.name,
               "retained_params": method.retained_params(model), "ranks": method.ranks(model)}
-    is_peft = (out / "adapter_config.json").exists()
-    if (merge or verify) and not is_peft:
-        raise UserError(f"method={run.method.name} exports no peft adapter; --merge and --verify need one")
     if merge:
         merged = PeftModel.from_pretrained(base_model(run, task, tokenizer), str(out)).merge_and_unload()
         merged.save_pretrained(str(out / "merged"))

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from sparse_peft import UserError
 from sparse_peft.distributed import World, shard
-from sparse_peft.runio import RunLogger, TrainState, load_checkpoint, load_trainable, save_checkpoint
+from sparse_peft.runio import (RunLogger, TrainState, crash_point, load_checkpoint, load_trainable, recover_checkpoint,
+                               save_checkpoint)
 from sparse_peft.schedulers import Plan, Stages, lr_schedule
 from sparse_peft.tasks.loaders import eval_loader as sorted_loader, lengths, make_loader, subset, train_order
 
@@ -38,6 +39,7 @@ def fit(run, task, data, model, method, plan: Plan, out: Path, world: World, dev
 
     state, best = TrainState(), None
     ckpt_dir = out / "checkpoints" / "last"
+    recover_checkpoint(ckpt_dir)
     if t.resume and ckpt_dir.exists():
         state, best = load_checkpoint(ckpt_dir, model, method, optimizer, scheduler)
         log.info("resumed from %s at step %d", ckpt_dir, state.step)
@@ -102,6 +104,7 @@ def fit(run, task, data, model, method, plan: Plan, out: Path, world: World, dev
                 continue
             optimizer_step(model, method, optimizer, scheduler, t.max_grad_norm, state.step, loss.item())
             state.step += 1
+            crash_point(f"step{state.step}", out)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if state.step % eval_every == 0 or state.step == stage.end:
@@ -111,6 +114,7 @@ def fit(run, task, data, model, method, plan: Plan, out: Path, world: World, dev
             if stages and state.step == stage.end:  # Algorithm 1: record the stage, continue from its best
                 logger.curve(stages.end_stage(state, stage, metric))
                 load_trainable(model, stages.best_weights)
+                crash_point("stage_end", out)
             if state.step % save_every == 0 and state.step < plan.total_steps and world.main:
                 save_checkpoint(ckpt_dir, model, method, optimizer, scheduler, state, best)
             if state.step >= stage.end:
@@ -141,7 +145,8 @@ def forward_loss(model, method, batch: dict, step: int) -> torch.Tensor:
     if reg is not None:
         loss = loss + reg
     if not torch.isfinite(loss):
-        raise UserError(f"loss is {loss.item()} at step {step}; lower trainer.lr or set trainer.max_grad_norm")
+        raise UserError(f"loss is {loss.item()} at step {step}; lower trainer.lr or set trainer.max_grad_norm, and "
+                        f"re-run with trainer.overwrite=true (a resume would replay the divergence)")
     return loss
 
 

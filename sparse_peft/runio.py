@@ -1,9 +1,11 @@
 """What a run writes: its output dir, atomic JSON, curve.jsonl, resume checkpoints, wandb."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,9 +17,27 @@ from safetensors.torch import load_file, save_file
 from sparse_peft import UserError
 
 
+def crash_point(name: str, out: Path) -> None:
+    """Fault injection for the crash tests: `SPARSE_PEFT_CRASH_AT=<name>[@<output dir substring>]` SIGKILLs this
+    process when the run writing to `out` reaches the named point (a real kill: no cleanup, no handlers)."""
+    spec = os.environ.get("SPARSE_PEFT_CRASH_AT")
+    if spec:
+        point, _, where = spec.partition("@")
+        if point == name and where in str(out):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def write_json_atomic(path: Path, obj) -> None:
+    """Temp file, fsync, rename: a reader sees the old file or the whole new one, also after a power cut."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    fsync_file(tmp)
+    crash_point("final_write", path.parent)
     os.replace(tmp, path)
 
 
@@ -59,10 +79,52 @@ def sweep_name() -> Optional[str]:
     return Path(HydraConfig.get().sweep.dir).name
 
 
+def config_diff(saved: dict, current: dict) -> list[str]:
+    """Dotted keys whose values differ between two result configs."""
+    keys = []
+    for node in sorted(set(saved) | set(current)):
+        a, b = saved.get(node), current.get(node)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += [f"{node}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            keys.append(node)
+    return keys
+
+
+_LOCKS: dict[str, object] = {}
+
+
+def lock_output_dir(out: Path) -> None:
+    """One writer per output dir: an exclusive `flock` on `<out>/.lock`, held until `unlock_output_dir` or the
+    process ends (the kernel drops it on a kill, so a crashed run never leaves it stuck)."""
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"{out} is in use by another run (pid {holder}); wait for it to finish or choose another "
+                        f"trainer.output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _LOCKS[str(out)] = f
+
+
+def unlock_output_dir(out: Path) -> None:
+    f = _LOCKS.pop(str(out), None)
+    if f is not None:
+        f.close()  # closing the file releases the flock
+
+
 def prepare_output_dir(trainer_cfg, cfg) -> tuple[Path, Optional[dict]]:
-    """The run's output dir, and the metrics of the completed run already there when it may be reused: in a
-    sweep, a job whose dir holds a completed run of the same config is skipped (re-running a sweep runs only
-    the missing or failed jobs). A dry run writes nothing."""
+    """The run's output dir, locked for this process, and the metrics of the completed run already there when it
+    may be reused: in a sweep, a job whose dir holds a completed run of the same config is skipped (re-running a
+    sweep runs only the missing or failed jobs). An unfinished run there resumes only with the same config. A dry
+    run writes nothing."""
     if trainer_cfg.output_dir:
         out = Path(trainer_cfg.output_dir)
     else:
@@ -75,30 +137,50 @@ def prepare_output_dir(trainer_cfg, cfg) -> tuple[Path, Optional[dict]]:
         if not in_sweep() and not trainer_cfg.dry_run:
             raise UserError(f"{out} already holds a completed run; pass trainer.overwrite=true to re-run it "
                             f"or choose another trainer.output_dir")
-        saved, current = result_config(OmegaConf.load(out / "config.yaml")), result_config(cfg)
-        if saved != current:
-            diff = next(f"{n}.{k}" for n in sorted(set(saved) | set(current)) for k in
-                        sorted(set(saved.get(n) or {}) | set(current.get(n) or {}))
-                        if (saved.get(n) or {}).get(k) != (current.get(n) or {}).get(k))
-            raise UserError(f"{out} holds a completed run with another config (`{diff}` differs); pass "
+        diff = config_diff(result_config(OmegaConf.load(out / "config.yaml")), result_config(cfg))
+        if diff:
+            raise UserError(f"{out} holds a completed run with another config (`{diff[0]}` differs); pass "
                             f"trainer.overwrite=true to replace it or use another hydra.sweep.dir")
         return out, json.loads((out / "metrics.json").read_text())
     if trainer_cfg.dry_run:
         return out, None
+    lock_output_dir(out)
     if trainer_cfg.overwrite:
-        for name in ("metrics.json", "curve.jsonl", "model.safetensors"):
+        for name in ("metrics.json", "curve.jsonl", "model.safetensors", "config.yaml"):
             (out / name).unlink(missing_ok=True)
-        for name in ("checkpoints", "stages"):
+        for name in ("checkpoints", "stages", "wandb"):
             shutil.rmtree(out / name, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    elif trainer_cfg.resume and (out / "checkpoints" / "last").exists() and (out / "config.yaml").exists():
+        diff = config_diff(result_config(OmegaConf.load(out / "config.yaml")), result_config(cfg))
+        if diff:
+            unlock_output_dir(out)
+            raise UserError(f"{out} holds an unfinished run with another config (`{'`, `'.join(diff)}` differ"
+                            f"{'s' if len(diff) == 1 else ''}); re-run with its config to resume it, or pass "
+                            f"trainer.overwrite=true to discard it and start fresh")
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return out, None
+
+
+def discard_failed_start(out: Path) -> None:
+    """A run that failed before its first checkpoint leaves nothing that looks like a run (config.yaml, wandb/,
+    curve.jsonl, stages/); a run with a checkpoint keeps everything, so that it can resume."""
+    if (out / "checkpoints" / "last").exists() or is_completed(out):
+        return
+    import sys
+
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish(exit_code=1)  # close its files before they are removed
+    for name in ("config.yaml", "curve.jsonl", "model.safetensors"):
+        (out / name).unlink(missing_ok=True)
+    for name in ("wandb", "stages", "checkpoints"):
+        shutil.rmtree(out / name, ignore_errors=True)
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     """Atomic: a kill mid-write leaves the previous file (or none), never a truncated one that a resume reads."""
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    fsync_file(tmp)
     os.replace(tmp, path)
 
 
@@ -124,10 +206,17 @@ class TrainState:
 
 
 def save_checkpoint(ckpt_dir: Path, model, method, optimizer, scheduler, state: TrainState, best: Optional[dict]) -> None:
+    weights = method.trained_state(model)
+    bad = [n for n, w in weights.items() if not torch.isfinite(w).all()]
+    if bad:  # never save a diverged state: the last good checkpoint stays
+        raise UserError(f"parameters became non-finite at step {state.step} ({bad[0]}, ...): the run diverged; lower "
+                        f"trainer.lr (or set trainer.max_grad_norm) and re-run with trainer.overwrite=true (resuming "
+                        f"the last good checkpoint with this config would diverge again)")
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_weights(method.trained_state(model), tmp / "trainable.safetensors")
+    save_weights(weights, tmp / "trainable.safetensors")
+    crash_point("checkpoint_mid", ckpt_dir.parent.parent)
     if best is not None:
         save_weights(best, tmp / "best.safetensors")
     # On a GPU, dropout draws from the CUDA generator: without its state a resumed run gets other masks.
@@ -136,8 +225,22 @@ def save_checkpoint(ckpt_dir: Path, model, method, optimizer, scheduler, state: 
                 "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "method": method.state_dict()},
                tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps(asdict(state)))
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    for f in tmp.iterdir():
+        fsync_file(f)
+    # Swap in two renames: a kill between them leaves `last.old` (whole), which the next start puts back.
+    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if ckpt_dir.exists():
+        os.replace(ckpt_dir, old)
     os.replace(tmp, ckpt_dir)  # a checkpoint dir is either whole or absent
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_checkpoint(ckpt_dir: Path) -> None:
+    """After a kill mid-swap only `last.old` may exist: it is the last whole checkpoint."""
+    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+    if not ckpt_dir.exists() and old.exists():
+        os.replace(old, ckpt_dir)
 
 
 def load_checkpoint(ckpt_dir: Path, model, method, optimizer, scheduler) -> tuple[TrainState, Optional[dict]]:
@@ -170,7 +273,8 @@ class RunLogger:
             kept = [ln for ln in lines if json.loads(ln)["step"] <= resume_step] if resume_step else []
             self.curve_path.write_text("".join(ln + "\n" for ln in kept))
         w = logger_cfg.wandb
-        if w.mode != "disabled":
+        # WANDB_MODE=disabled in the environment wins over the config (wandb's own convention)
+        if w.mode != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")

@@ -23,7 +23,8 @@ from sparse_peft.distributed import broadcast, finish, init_world
 from sparse_peft.loop import evaluate_splits, fit
 from sparse_peft.methods import build_method, count
 from sparse_peft.models import build_model, load_tokenizer
-from sparse_peft.runio import in_sweep, load_trainable, prepare_output_dir, save_weights, write_json_atomic
+from sparse_peft.runio import (discard_failed_start, in_sweep, load_trainable, prepare_output_dir, save_weights,
+                               unlock_output_dir, write_json_atomic)
 from sparse_peft.schedulers import plan as plan_steps
 from sparse_peft.tasks import build_task
 
@@ -40,6 +41,18 @@ def train(cfg: DictConfig) -> dict:
         status = "complete, skipped" if done else ("would resume" if (out / "checkpoints" / "last").exists() else "would run")
         print(f"{'[dry-run] ' if t.dry_run else ''}{status}: {out}", flush=True)
         return done or {"status": "dry-run", "output_dir": str(out)}
+    try:
+        return run_training(cfg, run, world, out)
+    except BaseException:
+        if world.main:  # nothing half-written that looks like a run; a run with a checkpoint keeps it to resume
+            discard_failed_start(out)
+        raise
+    finally:
+        unlock_output_dir(out)
+
+
+def run_training(cfg: DictConfig, run, world, out: Path) -> dict:
+    t = run.trainer
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)
     device = pick_device(t.device, world)
@@ -88,9 +101,9 @@ def train(cfg: DictConfig) -> dict:
         "world_size": world.size, "environment": environment(device), "status": "completed",
     }
     result.logger.finish({f"final/{k}": v for k, v in chosen["eval"].items()})
-    if not t.keep_checkpoints:
+    write_json_atomic(out / "metrics.json", metrics)  # its presence marks the run complete
+    if not t.keep_checkpoints:  # only now: a kill before the line above resumes from them
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    write_json_atomic(out / "metrics.json", metrics)  # last: its presence marks the run complete
     log.info("done: %s -> %s", metrics["eval"], out)
     finish(world)
     return metrics
@@ -120,6 +133,48 @@ def check_choices(argv: list[str]) -> None:
                 sys.exit(2)
 
 
+def check_overrides(argv: list[str]) -> None:
+    """Compose the config once before Hydra does, so that a misspelt key or a missing config file is one clear
+    line (Hydra's own message spans several lines and exits 1). Sweeps are checked with each list's first value."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception as e:
+        print(f"error: cannot parse the overrides: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    first = []
+    for arg, o in zip(args, parsed):
+        if o.is_sweep_override():
+            prefix = arg[: len(arg) - len(arg.lstrip("+~"))]
+            first.append(f"{prefix}{o.key_or_group}={next(iter(o.sweep_string_iterator()))}")
+        else:
+            first.append(arg)
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            compose(config_name="config", overrides=first)
+    except Exception as e:
+        cause = str(e.__cause__ or "").splitlines()
+        lines = str(e).splitlines()
+        if cause and cause[0].startswith("Key '"):  # a misspelt key
+            key = lines[0].removeprefix("Could not override '").rstrip(".'")
+            msg = f"config `{key}`: no such key; check its spelling (`--cfg job` prints the config), or add it with +{key}=..."
+        elif any(line.startswith("Available options") for line in lines):  # an unknown config file
+            i = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
+            options = []
+            for line in lines[i + 1:]:
+                if not line.startswith("\t"):
+                    break
+                options.append(line.strip())
+            msg = f"{lines[0].split(': ', 1)[-1]}; choose one of {options}"
+        else:
+            msg = lines[0]
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
 # Sweep subdirs are named by the job's overrides; `task=glue/rte` must not become a nested dir.
 OmegaConf.register_new_resolver("path_safe", lambda s: (s or "default").replace("/", "-"), replace=True)
 
@@ -140,4 +195,5 @@ if __name__ == "__main__":
     if "--dry-run" in sys.argv:  # list what a run or sweep would do, train nothing
         sys.argv = [a for a in sys.argv if a != "--dry-run"] + ["trainer.dry_run=true"]
     check_choices(sys.argv[1:])
+    check_overrides(sys.argv[1:])
     main()

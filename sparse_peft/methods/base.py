@@ -135,6 +135,8 @@ class Method:
         names = set(self.trained) or {n for n, p in model.named_parameters() if p.requires_grad}
         return count(p for n, p in model.named_parameters() if n in names)
 
+    export_format: str = "trainable"  # what `export` writes: trainable (safetensors) | peft (an adapter peft loads)
+
     def export(self, model: nn.Module, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_weights(self.trained_state(model), out_dir / "trainable.safetensors")

@@ -33,6 +33,7 @@ class Lora(Method):
     name = "lora"
     config_cls = LoraMethodConfig
     layered, layer_types = True, (LoraLayer,)
+    export_format = "peft"
 
     def peft_config(self, model):
         c = self.cfg

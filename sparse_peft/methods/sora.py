@@ -106,6 +106,7 @@ class Sora(Method):
     config_cls = SoraConfig
     threshold_key = "sparse_lambda_2"  # xi: a sparsifying scheduler raises it in stages
     layered, layer_types = True, (SoraLinear,)
+    export_format = "peft"
 
     def __init__(self, cfg, model_cfg, total_steps: int = 0, task=None):
         super().__init__(cfg, model_cfg, total_steps, task)

@@ -83,5 +83,9 @@ class Wrapper(Method):
         self.inner.scale_layer(model, layer, factor)
 
     @property
+    def export_format(self) -> str:
+        return self.inner.export_format
+
+    @property
     def train_start_batches(self) -> int:
         return self.inner.train_start_batches

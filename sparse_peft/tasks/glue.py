@@ -7,6 +7,7 @@ Labels use the integer ids of the hub's `nyu-mll/glue`, so local files and the h
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from sparse_peft.tasks.base import Task, TaskData
 from sparse_peft.tasks.loaders import cache_dir, eval_loader, subset, tokenize
 
 HUB_ID = "nyu-mll/glue"
+log = logging.getLogger("sparse_peft")
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,14 @@ def _label_value(task: GlueSpec, raw: str, where: str):
 
 def read_glue_tsv(task: GlueSpec, path: Path) -> datasets.Dataset:
     """Read a GLUE TSV as the original loader does: tab-separated, no quoting (quotes are text), BOM stripped."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason}); is it a GLUE TSV? re-copy it "
+                        f"from the GLUE release") from None
+    except csv.Error as e:
+        raise UserError(f"{path}: not a readable TSV ({e}); re-copy it from the GLUE release") from None
     if task.tsv_columns is not None:
         header, body, first_line = list(task.tsv_columns), rows, 1
     elif rows:
@@ -132,12 +140,22 @@ def read_glue_tsv(task: GlueSpec, path: Path) -> datasets.Dataset:
 
 def read_glue_file(task: GlueSpec, path: Path) -> datasets.Dataset:
     if path.suffix == ".tsv":
-        return read_glue_tsv(task, path)
-    ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
-    missing = [k for k in (*task.text_keys, "label") if k not in ds.column_names]
-    if missing:
-        raise UserError(f"{path}: columns {ds.column_names} lack {missing}; expected the hub's nyu-mll/glue parquet")
-    return ds.select_columns([*task.text_keys, "label"])
+        ds = read_glue_tsv(task, path)
+    else:
+        try:
+            ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+        except Exception as e:  # pyarrow raises many types for a damaged file
+            tsv = path.with_suffix(".tsv")
+            hint = f"remove it to use {tsv.name} beside it" if tsv.exists() else "re-copy it"
+            raise UserError(f"{path}: not a readable parquet file ({type(e).__name__}); {hint}") from None
+        missing = [k for k in (*task.text_keys, "label") if k not in ds.column_names]
+        if missing:
+            raise UserError(f"{path}: columns {ds.column_names} lack {missing}; expected the hub's nyu-mll/glue parquet")
+        ds = ds.select_columns([*task.text_keys, "label"])
+    if len(ds) == 0:
+        raise UserError(f"{path}: no data rows (a header alone); re-copy the file")
+    log.info("%s: %d rows from %s", task.name, len(ds), path)
+    return ds
 
 
 def find_split_file(task_dir: Path, split: str) -> Optional[Path]:
@@ -153,7 +171,9 @@ def data_root(root: Optional[str]) -> Optional[Path]:
     return Path(root).expanduser() if root else None
 
 
-def load_raw_glue(task: GlueSpec, root: Optional[Path], splits: tuple) -> dict[str, datasets.Dataset]:
+def load_raw_glue(task: GlueSpec, root: Optional[Path], splits: tuple, files: Optional[dict] = None) -> dict[str, datasets.Dataset]:
+    """The raw splits; `files` (if given) receives the file each split was read from."""
+    files = {} if files is None else files
     if root is not None:
         task_dir = root / "glue" / task.name
         if not task_dir.is_dir():
@@ -165,13 +185,14 @@ def load_raw_glue(task: GlueSpec, root: Optional[Path], splits: tuple) -> dict[s
             if path is None:
                 raise UserError(f"no `{split}` split for {task.name} in {task_dir} (looked for "
                                 f"{'/'.join(SPLIT_ALIASES.get(split, (split,)))}.parquet|tsv); add the file")
-            out[split] = read_glue_file(task, path)
+            out[split], files[split] = read_glue_file(task, path), str(path)
         return out
     try:
         hub = datasets.load_dataset(HUB_ID, task.name)
     except Exception as e:  # no network, no cache: the datasets library raises many types here
         raise UserError(f"cannot load {HUB_ID}/{task.name} from the Hugging Face hub ({type(e).__name__}); "
                         f"set data.root or SPARSE_PEFT_DATA to a local GLUE directory") from None
+    files.update({split: f"hub:{HUB_ID}/{task.name}" for split in splits})
     return {split: hub[split] for split in splits}
 
 
@@ -180,7 +201,7 @@ def _seeded_perm(n: int, seed: int = 42) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def load_glue(task_name: str, root: Optional[str], split_protocol: str) -> dict[str, datasets.Dataset]:
+def load_glue(task_name: str, root: Optional[str], split_protocol: str, files: Optional[dict] = None) -> dict[str, datasets.Dataset]:
     """Return {"train", "validation", "test"?, extra validation splits...} under the chosen split protocol.
 
     glue: train / GLUE dev (MNLI: matched selects, mismatched is reported too); no test.
@@ -189,7 +210,7 @@ def load_glue(task_name: str, root: Optional[str], split_protocol: str) -> dict[
           shuffled train set are validation, the rest train, the GLUE dev set is the test set.
     """
     task = get_spec(task_name)
-    raw = load_raw_glue(task, data_root(root), ("train", *task.validation_splits))
+    raw = load_raw_glue(task, data_root(root), ("train", *task.validation_splits), files)
     dev_name = task.validation_splits[0]
     if split_protocol == "glue":
         return {"train": raw["train"], "validation": raw[dev_name],
@@ -242,7 +263,8 @@ class Glue(Task):
 
     def load(self, tokenizer) -> TaskData:
         d, spec = self.data_cfg, self.spec
-        splits = load_glue(spec.name, d.root, self.cfg.split_protocol)
+        files: dict = {}
+        splits = load_glue(spec.name, d.root, self.cfg.split_protocol, files)
 
         def fn(batch):
             return tokenizer(*[batch[k] for k in spec.text_keys], truncation=True, max_length=d.max_length,
@@ -253,7 +275,7 @@ class Glue(Task):
         train = tok(subset(splits.pop("train"), d.max_train_samples))
         evals = {name: tok(subset(ds, d.max_eval_samples)) for name, ds in splits.items()}
         self.collator = DataCollatorWithPadding(tokenizer)
-        return TaskData(train, evals, self.collator, {"split_protocol": self.cfg.split_protocol})
+        return TaskData(train, evals, self.collator, {"split_protocol": self.cfg.split_protocol, "data_files": files})
 
     def eval_loader(self, split, batch_size):
         return eval_loader(split, self.collator, batch_size)
