@@ -139,7 +139,16 @@ def check_overrides(argv: list[str]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    args = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+    if any(a in ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd") for a in argv):
+        return  # another primary config: Hydra checks it
+    args, skip = [], False
+    for a in argv:
+        if skip and "=" not in a:  # the value of a Hydra flag (`--cfg job`, `--config-name x`)
+            skip = False
+            continue
+        skip = a in ("--cfg", "-c", "--package", "-p", "--info", "-i")
+        if not a.startswith("-") and not a.lstrip("+~").startswith("hydra"):
+            args.append(a)
     try:
         parsed = OverridesParser.create().parse_overrides(args)
     except Exception as e:

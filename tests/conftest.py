@@ -71,3 +71,22 @@ def fast_overrides(tmp_path: Path, data_root: Path, *extra: str) -> list[str]:
     return ["model=tiny_bert", f"data.root={data_root}", f"trainer.output_dir={tmp_path}", "trainer.max_steps=2",
             "trainer.batch_size=8", "trainer.eval_every=1", "trainer.progress_bar=false",
             "logger.wandb.mode=disabled", f"data.cache_dir={tmp_path.parent / 'tok_cache'}", *extra]
+
+
+class Crash(Exception):
+    """Raised by `crash_at` to interrupt a run in-process (the kill tests use real SIGKILLs)."""
+
+
+def crash_at(monkeypatch, step: int):
+    """Make the next run raise Crash right after writing its evaluation at `step`; returns the real writer."""
+    import sparse_peft.runio as runio
+
+    real = runio.RunLogger.curve
+
+    def curve(self, record):
+        real(self, record)
+        if record["step"] == step:
+            raise Crash
+
+    monkeypatch.setattr(runio.RunLogger, "curve", curve)
+    return real

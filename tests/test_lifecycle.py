@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import sparse_peft.runio as runio
-from conftest import fast_overrides, make_cfg
+from conftest import Crash, crash_at, fast_overrides, make_cfg
 from sparse_peft.methods import METHODS, register
 from sparse_peft.methods.base import Method, MethodConfig
 from sparse_peft.methods.wrapper import Wrapper
@@ -85,22 +85,6 @@ class LayerCycle(Wrapper):
 
 def run(out, data, *extra):
     return train(make_cfg(fast_overrides(out, data, *extra)))
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_at(monkeypatch, step):
-    real = runio.RunLogger.curve
-
-    def curve(self, record):
-        real(self, record)
-        if record["step"] == step:
-            raise Crash
-
-    monkeypatch.setattr(runio.RunLogger, "curve", curve)
-    return real
 
 
 def resume_matches(tmp_path, data, monkeypatch, steps, crash_step):

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import sparse_peft.runio as runio
-from conftest import REPO, fast_overrides, make_cfg
+from conftest import REPO, Crash, crash_at, fast_overrides, make_cfg
 from sparse_peft import UserError
 from sparse_peft.train import train
 
@@ -21,19 +21,8 @@ def run(out, data, *extra):
     return train(make_cfg(fast_overrides(out, data, *extra)))
 
 
-class Crash(Exception):
-    pass
-
-
 def crash_after_checkpoint(monkeypatch, out, data, *steps):
-    real = runio.RunLogger.curve
-
-    def curve(self, record):
-        real(self, record)
-        if record["step"] == 3:
-            raise Crash
-
-    monkeypatch.setattr(runio.RunLogger, "curve", curve)
+    real = crash_at(monkeypatch, 3)
     with pytest.raises(Crash):
         run(out, data, *steps)
     monkeypatch.setattr(runio.RunLogger, "curve", real)

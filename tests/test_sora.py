@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 
 import sparse_peft.runio as runio
-from conftest import fast_overrides, make_cfg
+from conftest import Crash, crash_at, fast_overrides, make_cfg
 from sparse_peft import UserError
 from sparse_peft.config import load_run_config
 from sparse_peft.export import export, main as export_main
@@ -191,15 +191,8 @@ def test_staged_run_records_every_stage_and_exports_any_of_them(tmp_path, tiny_g
 @pytest.mark.parametrize("crash_step", [8, 12])  # resume from step 6 (stage 1, crosses a stage end) or 10 (stage 2)
 def test_staged_run_resumes_exactly(tmp_path, tiny_glue, monkeypatch, crash_step):
     ref = train(make_cfg(fast_overrides(tmp_path / "ref", tiny_glue, *STAGED)))
-    real_curve = runio.RunLogger.curve
-
-    def crash(self, record):
-        real_curve(self, record)
-        if record["step"] == crash_step:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(runio.RunLogger, "curve", crash)
-    with pytest.raises(KeyboardInterrupt):
+    real_curve = crash_at(monkeypatch, crash_step)
+    with pytest.raises(Crash):
         train(make_cfg(fast_overrides(tmp_path / "out", tiny_glue, *STAGED)))
     monkeypatch.setattr(runio.RunLogger, "curve", real_curve)
     resumed = train(make_cfg(fast_overrides(tmp_path / "out", tiny_glue, *STAGED)))

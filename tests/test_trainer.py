@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import sparse_peft.runio as runio
-from conftest import fast_overrides, make_cfg
+from conftest import Crash, crash_at, fast_overrides, make_cfg
 from sparse_peft import UserError
 from sparse_peft.train import train
 
@@ -24,23 +24,11 @@ def test_refuses_a_completed_dir_unless_overwrite(tmp_path, tiny_glue):
     assert len((out / "curve.jsonl").read_text().splitlines()) == 2  # not appended to the old curve
 
 
-class Crash(Exception):
-    pass
-
-
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_glue, monkeypatch):
     steps = ["trainer.max_steps=6", "trainer.save_every=2", "data.max_train_samples=24"]  # 3 batches of 8 = 1 epoch
     ref = run(tmp_path / "ref", tiny_glue, *steps)
-
-    real_curve = runio.RunLogger.curve
-
-    def crash_at_5(self, record):
-        real_curve(self, record)
-        if record["step"] == 5:
-            raise Crash
-
     out = tmp_path / "resumed"
-    monkeypatch.setattr(runio.RunLogger, "curve", crash_at_5)
+    real_curve = crash_at(monkeypatch, 5)
     with pytest.raises(Crash):
         run(out, tiny_glue, *steps)
     assert not (out / "metrics.json").exists() and (out / "checkpoints" / "last").is_dir()
