@@ -18,7 +18,7 @@ from sparse_peft.distributed import World, shard
 from sparse_peft.runio import (RunLogger, TrainState, crash_point, load_checkpoint, load_trainable, recover_checkpoint,
                                save_checkpoint)
 from sparse_peft.schedulers import Plan, Stages, lr_schedule
-from sparse_peft.tasks.loaders import eval_loader as sorted_loader, lengths, make_loader, subset, train_order
+from sparse_peft.tasks.loaders import lengths, make_loader, subset, train_order
 
 log = logging.getLogger("sparse_peft")
 
@@ -50,8 +50,8 @@ def fit(run, task, data, model, method, plan: Plan, out: Path, world: World, dev
     loaders = {name: task.eval_loader(split, t.eval_batch_size) for name, split in data.eval_splits.items()}
     stages = None
     if plan.staged:  # staged runs also score a fixed training subset: the `memorization` curve
-        stages = Stages(out, sorted_loader(subset(data.train, run.scheduler.train_subset), data.collator,
-                                           t.eval_batch_size), write=world.main)
+        stages = Stages(out, task.eval_loader(subset(data.train, run.scheduler.train_subset), t.eval_batch_size),
+                        write=world.main)
         stages.resume(state.stage)
     metric, train_lengths = task.metric, lengths(data.train)
 
@@ -61,8 +61,7 @@ def fit(run, task, data, model, method, plan: Plan, out: Path, world: World, dev
         train_scores = task.evaluate(model, stages.probe, device) if stages else None
         retained, ranks = method.retained_params(model), method.ranks(model)
         record = {"type": "eval", "step": state.step, "epoch": state.step / plan.steps_per_epoch, "stage": stage.index,
-                  "lambda": stage.xi,
-                  "retained_params": retained, "eval": scores, "train": train_scores,
+                  "lambda": stage.xi, "retained_params": retained, "eval": scores, "train": train_scores,
                   **(stages.curves(state, scores, train_scores, metric) if stages else
                      {"generalization": None, "memorization": None}),
                   "train_loss": loss_sum / max(loss_n, 1), "lr": scheduler.get_last_lr()[0], "ranks": ranks,
