@@ -76,6 +76,11 @@ def score(w, A, B, R, C, alpha1: float, alpha2: float) -> torch.Tensor:
     return s
 
 
+def masked(t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """t where the mask keeps, 0 elsewhere (no float copy of the bool mask, as `t * mask` would make)."""
+    return t if mask is None else torch.where(mask, t, 0.0)
+
+
 def topk_mask(s: torch.Tensor, sparsity: float) -> Optional[torch.Tensor]:
     """Bool (out, in): False on exactly the int(numel * sparsity) lowest scores; None when nothing is pruned."""
     n = s.numel()
@@ -101,7 +106,7 @@ class SparseLinearFn(torch.autograd.Function):
         mask = topk_mask(score(w, A, B, R, C, alpha1, alpha2), sparsity)
         ctx.save_for_backward(x, mask, weight, U, V, A, B)
         ctx.consts = (beta, alpha1, alpha2)
-        return F.linear(x, w if mask is None else w * mask, bias)
+        return F.linear(x, masked(w, mask), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -109,10 +114,10 @@ class SparseLinearFn(torch.autograd.Function):
         beta, alpha1, alpha2 = ctx.consts
         need = ctx.needs_input_grad
         w = merged_weight(weight, U, V, beta)
-        grad_x = grad_out @ (w if mask is None else w * mask) if need[0] else None
+        grad_x = grad_out @ masked(w, mask) if need[0] else None
         g = grad_out.flatten(0, -2).T @ x.flatten(0, -2)  # dL/d(M W'), (out, in)
         grad_bias = grad_out.flatten(0, -2).sum(0) if need[2] else None
-        gw = g if mask is None else g * mask  # dL/dW'
+        gw = masked(g, mask)  # dL/dW'
         grad_weight = gw if need[1] else None
         grad_U = beta * gw @ V.T if need[3] else None
         grad_V = beta * U.T @ gw if need[4] else None
@@ -161,9 +166,7 @@ class PstLinear(nn.Module):
     @torch.no_grad()
     def sparse_weight(self) -> torch.Tensor:
         """M * W', exactly the weight the forward multiplies by."""
-        w = merged_weight(self.weight, self.pst_U, self.pst_V, self.beta)
-        mask = self.mask()
-        return w if mask is None else w * mask
+        return masked(merged_weight(self.weight, self.pst_U, self.pst_V, self.beta), self.mask())
 
     def to_linear(self) -> nn.Linear:
         w = self.weight
