@@ -110,12 +110,16 @@ def apply_presets(cfg: DictConfig, overrides: Optional[list[str]] = None) -> Dic
     """Experiment presets hold values that depend on the job's method or task: `per_method.<method>`,
     `per_task.<task>` and `per_method_task.<method>@<task>` are partial configs (e.g. each method's learning rate
     per task in one sweep), merged over the composed config in that order; `<method>` is the method's `label`
-    when it has one (`lora_r4`, `sora_gates_only`), else its name. The result is what the run uses and saves. A
+    (`lora_r4`, `sora_gates_only`) when the preset has an entry for it, else its name. The result is what the run uses and saves. A
     value set on the command line (`overrides`, default: Hydra's for this job) wins over the preset's, so
     `method.lora_r=4` means r 4."""
-    method, task = cfg.method.get("label") or cfg.method.name, cfg.task.name
-    layers = [(cfg.get("per_method") or {}).get(method), (cfg.get("per_task") or {}).get(task),
-              (cfg.get("per_method_task") or {}).get(f"{method}@{task}")]
+    label, name, task = cfg.method.get("label"), cfg.method.name, cfg.task.name
+
+    def entry(node, key):  # a variant's own entry, else its method's
+        node = cfg.get(node) or {}
+        return node.get(key.format(label)) if label and key.format(label) in node else node.get(key.format(name))
+
+    layers = [entry("per_method", "{}"), (cfg.get("per_task") or {}).get(task), entry("per_method_task", f"{{}}@{task}")]
     layers = [layer for layer in layers if layer]
     if not layers:
         return cfg

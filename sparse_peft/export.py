@@ -2,9 +2,10 @@
 
 Writes what a finished run's method exports: for SoRA the compact rank-pruned LoRA adapter (per-module ranks,
 task head in `modules_to_save`) that `peft.PeftModel.from_pretrained(base_model, DIR)` loads; for LoRA/AdaLoRA
-their peft adapter; for the other methods their trainable tensors. `--merge` also writes the base model with the
-adapter merged in (`DIR/merged`, loadable by transformers alone); `--verify` reloads the export through peft and
-re-evaluates it against the run's metrics.
+their peft adapter; for PST / magnitude pruning a whole model in the base architecture holding the sparse merged
+weights (`AutoModelFor....from_pretrained(DIR)`); for the other methods their trainable tensors. `--merge` also
+writes the base model with the adapter merged in (`DIR/merged`, loadable by transformers alone); `--verify` reloads
+the export (through peft, or transformers alone for a whole model) and re-evaluates it against the run's metrics.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from sparse_peft.config import load_run_config
 from sparse_peft.devices import device_name, pick_device
 from sparse_peft.loop import evaluate_splits
 from sparse_peft.methods import build_method
-from sparse_peft.models import build_model, load_tokenizer
+from sparse_peft.models import AUTO_CLASSES, build_model, load_tokenizer
 from sparse_peft.runio import is_completed, load_trainable
 from sparse_peft.tasks import build_task
 
@@ -67,7 +68,11 @@ def export(run_dir: Path, out: Path, stage: int | None = None, merge: bool = Fal
     from peft import PeftModel
 
     run, task, model, method, tokenizer, expected = load_run(run_dir, stage)
-    if (merge or verify) and method.export_format != "peft":  # checked before anything is written
+    fmt = method.export_format  # checked before anything is written
+    if merge and fmt != "peft":
+        raise UserError(f"method={run.method.name} exports "
+                        f"{'a whole model (already merged)' if fmt == 'model' else 'no peft adapter'}; --merge needs one")
+    if verify and fmt not in ("peft", "model"):
         raise UserError(f"method={run.method.name} exports no peft adapter; --merge and --verify need one")
     method.export(model, out)
     report = {"run_dir": str(run_dir), "out": str(out), "method": run.method.name,
@@ -79,7 +84,8 @@ def export(run_dir: Path, out: Path, stage: int | None = None, merge: bool = Fal
         report["merged"] = str(out / "merged")
     if verify:
         device = pick_device(run.trainer.device)
-        reloaded = PeftModel.from_pretrained(base_model(run, task, tokenizer), str(out)).eval().to(device)
+        reloaded = (PeftModel.from_pretrained(base_model(run, task, tokenizer), str(out)) if fmt == "peft"
+                    else AUTO_CLASSES[task.model_kind].from_pretrained(str(out))).eval().to(device)
         data = task.load(tokenizer)
         loaders = {name: task.eval_loader(split, run.trainer.eval_batch_size) for name, split in data.eval_splits.items()}
         got = evaluate_splits(reloaded, task, loaders, device)

@@ -70,7 +70,8 @@ def fit(run, task, data, model, method, plan: Plan, out: Path, world: World, dev
         logger.log({"train/loss": record["train_loss"], "train/lr": record["lr"], "sparsity/retained_params": retained,
                     "sparsity/stage": stage.index, **{f"eval/{k}": v for k, v in scores.items()},
                     **{f"train_subset/{k}": v for k, v in (train_scores or {}).items()}}, state.step)
-        if state.stage_best is None or scores[metric] > state.stage_best["eval"][metric]:
+        better = state.stage_best is None or scores[metric] > state.stage_best["eval"][metric]
+        if better and plan.settled(state.step):
             state.stage_best = {k: record[k] for k in ("step", "eval", "train", "retained_params", "ranks")}
             if stage.index == 0:
                 state.best_metric, state.best_step, best = scores[metric], state.step, method.trained_state(model)

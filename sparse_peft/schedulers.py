@@ -113,6 +113,11 @@ class Plan:
             return cubic_value(step, self.total_steps, self.target, self.sched.initial_warmup, self.sched.final_warmup)
         return self.stage(step).xi
 
+    def settled(self, step: int) -> bool:
+        """Whether the threshold reached its final value by `step` (steps done): a checkpoint from before that
+        (PST at a lower sparsity) is no candidate for the best one."""
+        return self.sched.name != "cubic" or self.value(max(step - 1, 0)) == self.target
+
     def stage(self, step: int) -> Stage:
         return next((s for s in self.stages if s.start <= step < s.end), self.stages[-1])
 
@@ -140,9 +145,9 @@ def check_scheduler(run) -> None:
         raise UserError(f"scheduler={s.name} drives {wanted}; method={run.method.name} has none "
                         f"(use method={'|'.join(users)}, or scheduler=none)")
     if s.name == "cubic":
-        if not (0 <= s.initial_warmup and 0 <= s.final_warmup and s.initial_warmup + s.final_warmup < 1):
-            raise UserError(f"config `scheduler.initial_warmup` + `scheduler.final_warmup` must be >= 0 each and < 1 "
-                            f"together (the cubic ramp lies between them), got {s.initial_warmup} + {s.final_warmup}")
+        if not (0 <= s.initial_warmup and 0 < s.final_warmup and s.initial_warmup + s.final_warmup < 1):
+            raise UserError(f"config `scheduler.initial_warmup` (>= 0) + `scheduler.final_warmup` (> 0: the last steps "
+                            f"train at the target) must be < 1 together, got {s.initial_warmup} + {s.final_warmup}")
         return
     if s.max_lambda < 0 or s.lambda_num < 1:
         raise UserError(f"config `scheduler.max_lambda` must be >= 0 and `scheduler.lambda_num` >= 1, "

@@ -81,8 +81,9 @@ def run_training(cfg: DictConfig, run, world, out: Path) -> dict:
     loaders = {name: task.eval_loader(split, t.eval_batch_size) for name, split in data.eval_splits.items()}
     last = evaluate_splits(model, task, loaders, device)
     last_weights = method.trained_state(model)
-    load_trainable(model, result.best)
-    best_scores = evaluate_splits(model, task, loaders, device)
+    if result.best is not None:  # none when no evaluation came after the threshold settled: best = last
+        load_trainable(model, result.best)
+    best_scores = evaluate_splits(model, task, loaders, device) if result.best is not None else last
     chosen = best_scores if t.select == "best" else last
     if t.select == "last":
         load_trainable(model, last_weights)

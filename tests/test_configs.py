@@ -13,7 +13,8 @@ def options(group):
 def test_every_option_composes(group):
     assert options(group)
     for name in options(group):
-        extra = ["method=sora"] if group == "scheduler" else []  # the xi schedules need a method with a threshold
+        # the xi schedules need a method with a threshold; cubic a method with a sparsity target
+        extra = [f"method={'pst' if name == 'cubic' else 'sora'}"] if group == "scheduler" else []
         run = load_run_config(make_cfg([f"{group}={name}", *extra]))
         node = getattr(run, group)  # the option's own file was composed and typed, not a default
         composed = {"task": lambda: f"{node.group}/{node.name}", "method": lambda: node.label or node.name}

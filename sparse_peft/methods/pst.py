@@ -1,0 +1,266 @@
+"""PST (Li et al., IJCAI 2022): parameter-efficient sparsity training, and the magnitude-pruning baseline.
+
+Each target linear map W (out x in, frozen with its bias) becomes a sparse linear:
+
+    W' = W + beta * U V                                   merged weight (U: out x r randn, V: r x in zeros)
+    S  = |W'| + alpha1 * A B + alpha2 * (R 1^T + 1 C^T)   score (A: out x r_m randn, B, R (out), C (in) zeros)
+    M  = 0 on the int(out * in * sparsity) lowest scores of this matrix, 1 elsewhere
+    y  = x (M * W')^T + b
+
+The mask has a straight-through gradient: dL/dS := dL/dM = dL/d(M W') * W' (the movement-pruning estimator; A B
+and R, C learn a low-rank approximation of the accumulated movement score). The magnitude term |W'| is data-free
+and passes no gradient. U, V get dL/dW' = dL/d(M W') * M. `scheduler=cubic` drives the sparsity every step.
+The export is the base architecture with M * W' in place of each W (`python -m sparse_peft.export`).
+
+`method=magnitude` is the paper's magnitude-pruning baseline: every parameter fine-tunes, the target maps are masked
+by the top-k of |W| under the same schedule. Facts and decisions: ../shared/METHODS.md (PST).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparse_peft import UserError
+from sparse_peft.methods.base import Method, MethodConfig, count
+from sparse_peft.methods.lora import SIX_MAPS
+from sparse_peft.methods.registry import register
+from sparse_peft.models import match_modules
+
+
+@dataclass
+class MagnitudeConfig(MethodConfig):
+    sparsity: float = 0.9  # target fraction of zero weights in every target matrix (the cubic scheduler's end value)
+    target_modules: list = field(default_factory=lambda: list(SIX_MAPS))
+
+    def validate(self):
+        if not 0 <= self.sparsity < 1:
+            raise UserError(f"config `method.sparsity` must be in [0, 1) (the fraction of zero weights), got {self.sparsity}")
+
+
+@dataclass
+class PstConfig(MagnitudeConfig):
+    rank: int = 8  # r of U V, the weight update
+    score_rank: int = 8  # r_m of A B, the learned part of the score
+    alpha1: float = 1.0  # weight of A B in the score
+    alpha2: float = 1.0  # weight of R 1^T + 1 C^T in the score
+    beta: float = 1.0  # scale of U V in W'
+
+    def validate(self):
+        super().validate()
+        for key in ("rank", "score_rank"):
+            if getattr(self, key) < 1:
+                raise UserError(f"config `method.{key}` must be >= 1, got {getattr(self, key)}")
+
+
+class Level:
+    """The current sparsity, shared by the method (which the scheduler sets) and every sparse layer."""
+
+    def __init__(self, value: float):
+        self.value = float(value)
+
+
+def merged_weight(weight, U, V, beta: float) -> torch.Tensor:
+    return weight if U is None else weight + beta * (U @ V)  # (out, in)
+
+
+def score(w, A, B, R, C, alpha1: float, alpha2: float) -> torch.Tensor:
+    s = w.abs()  # (out, in)
+    if A is not None:
+        s = s + alpha1 * (A @ B) + alpha2 * (R[:, None] + C[None, :])
+    return s
+
+
+def masked(t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """t where the mask keeps, 0 elsewhere (no float copy of the bool mask, as `t * mask` would make)."""
+    return t if mask is None else torch.where(mask, t, 0.0)
+
+
+def topk_mask(s: torch.Tensor, sparsity: float) -> Optional[torch.Tensor]:
+    """Bool (out, in): False on exactly the int(numel * sparsity) lowest scores; None when nothing is pruned."""
+    n = s.numel()
+    k = int(n * sparsity)
+    if k == 0:
+        return None
+    flat = s.flatten()
+    mask = flat > flat.kthvalue(k).values
+    if n - int(mask.sum()) != k:  # ties at the threshold: fall back to an exact index selection
+        mask = torch.ones(n, dtype=torch.bool, device=s.device)
+        mask[flat.topk(k, largest=False).indices] = False
+    return mask.view_as(s)
+
+
+class SparseLinearFn(torch.autograd.Function):
+    """y = x (M * W')^T + b with M computed here from the score. Saved for backward: x and the bool mask (1 byte per
+    weight, this step only); W' is recomputed from W, U, V rather than kept, so no dense float copy of the weight
+    outlives the forward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, U, V, A, B, R, C, sparsity, beta, alpha1, alpha2):
+        w = merged_weight(weight, U, V, beta)
+        mask = topk_mask(score(w, A, B, R, C, alpha1, alpha2), sparsity)
+        ctx.save_for_backward(x, mask, weight, U, V, A, B)
+        ctx.consts = (beta, alpha1, alpha2)
+        return F.linear(x, masked(w, mask), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, mask, weight, U, V, A, B = ctx.saved_tensors
+        beta, alpha1, alpha2 = ctx.consts
+        need = ctx.needs_input_grad
+        w = merged_weight(weight, U, V, beta)
+        grad_x = grad_out @ masked(w, mask) if need[0] else None
+        g = grad_out.flatten(0, -2).T @ x.flatten(0, -2)  # dL/d(M W'), (out, in)
+        grad_bias = grad_out.flatten(0, -2).sum(0) if need[2] else None
+        gw = masked(g, mask)  # dL/dW'
+        grad_weight = gw if need[1] else None
+        grad_U = beta * gw @ V.T if need[3] else None
+        grad_V = beta * U.T @ gw if need[4] else None
+        grad_A = grad_B = grad_R = grad_C = None
+        if A is not None and any(need[5:9]):
+            gs = g * w  # straight-through: dL/dS := dL/dM
+            grad_A = alpha1 * gs @ B.T if need[5] else None
+            grad_B = alpha1 * A.T @ gs if need[6] else None
+            grad_R = alpha2 * gs.sum(1) if need[7] else None
+            grad_C = alpha2 * gs.sum(0) if need[8] else None
+        return grad_x, grad_weight, grad_bias, grad_U, grad_V, grad_A, grad_B, grad_R, grad_C, None, None, None, None
+
+
+class PstLinear(nn.Module):
+    """A linear map masked by the top-k of its score. Keeps the base layer's `weight` and `bias` under their own
+    names (state dicts and the export match the base model); PST's parameters carry the `pst_` prefix."""
+
+    def __init__(self, base: nn.Linear, level: Level, cfg: Optional[PstConfig] = None):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.level = level
+        self.beta, self.alpha1, self.alpha2 = (cfg.beta, cfg.alpha1, cfg.alpha2) if cfg else (1.0, 1.0, 1.0)
+        if cfg is None:  # magnitude pruning: the score is |W|
+            self.pst_U = self.pst_V = self.pst_A = self.pst_B = self.pst_R = self.pst_C = None
+            return
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        out, inp = self.out_features, self.in_features
+        self.pst_U = nn.Parameter(torch.randn(out, cfg.rank, **kw))
+        self.pst_V = nn.Parameter(torch.zeros(cfg.rank, inp, **kw))
+        self.pst_A = nn.Parameter(torch.randn(out, cfg.score_rank, **kw))
+        self.pst_B = nn.Parameter(torch.zeros(cfg.score_rank, inp, **kw))
+        self.pst_R = nn.Parameter(torch.zeros(out, **kw))
+        self.pst_C = nn.Parameter(torch.zeros(inp, **kw))
+
+    def forward(self, x):
+        return SparseLinearFn.apply(x, self.weight, self.bias, self.pst_U, self.pst_V, self.pst_A, self.pst_B,
+                                    self.pst_R, self.pst_C, self.level.value, self.beta, self.alpha1, self.alpha2)
+
+    @torch.no_grad()
+    def mask(self) -> Optional[torch.Tensor]:
+        w = merged_weight(self.weight, self.pst_U, self.pst_V, self.beta)
+        return topk_mask(score(w, self.pst_A, self.pst_B, self.pst_R, self.pst_C, self.alpha1, self.alpha2),
+                         self.level.value)
+
+    @torch.no_grad()
+    def sparse_weight(self) -> torch.Tensor:
+        """M * W', exactly the weight the forward multiplies by."""
+        return masked(merged_weight(self.weight, self.pst_U, self.pst_V, self.beta), self.mask())
+
+    def to_linear(self) -> nn.Linear:
+        w = self.weight
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.sparse_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, sparsity={self.level.value:.4f}"
+
+
+def pst_modules(model: nn.Module) -> list[tuple[str, PstLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, PstLinear)]
+
+
+@register
+class MagnitudePruning(Method):
+    """Magnitude pruning with the cubic schedule (PST's baseline): all parameters train, masks from |W|."""
+    name = "magnitude"
+    config_cls = MagnitudeConfig
+    threshold_key = "sparsity"  # scheduler=cubic sets it every step; without a scheduler the target holds from step 0
+    export_format = "model"  # a plain transformers model holding M * W'
+
+    def __init__(self, cfg, model_cfg, total_steps: int = 0, task=None):
+        super().__init__(cfg, model_cfg, total_steps, task)
+        self.level = Level(cfg.sparsity)
+
+    def layer_config(self) -> Optional[PstConfig]:
+        return None
+
+    def apply(self, model):
+        for name in match_modules(model, list(self.cfg.target_modules), dict(self.model_cfg.modules)):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, PstLinear(getattr(parent, child), self.level, self.layer_config()))
+        self.freeze(model)
+        return model
+
+    def freeze(self, model):
+        self.freeze_except(model, lambda n: True)
+
+    def set_threshold(self, value: float) -> None:
+        self.level.value = float(value)
+
+    def state_dict(self):
+        return {"sparsity": self.level.value}  # the schedule's position: a resumed run masks exactly as before
+
+    def load_state_dict(self, state):
+        self.level.value = float(state.get("sparsity", self.level.value))
+
+    def log_values(self, model):
+        return {"sparsity": self.level.value}
+
+    def retained_params(self, model):
+        """What the exported model stores beyond the frozen base: the non-zero weights of the masked target maps,
+        plus every other trained parameter (PST: the task head; magnitude: everything else, biases included)."""
+        layers = pst_modules(model)
+        masked = {f"{n}.weight" for n, _ in layers}
+        trained = set(self.trained) or {n for n, p in model.named_parameters() if p.requires_grad}
+        other = count(p for n, p in model.named_parameters() if n in trained and n not in masked and ".pst_" not in n)
+        return sum(int(torch.count_nonzero(m.sparse_weight())) for _, m in layers) + other
+
+    def measured_sparsity(self, model) -> dict[str, float]:
+        """Fraction of zero weights per target map, as the export stores them."""
+        return {n: 1.0 - int(torch.count_nonzero(m.sparse_weight())) / m.weight.numel() for n, m in pst_modules(model)}
+
+    def to_plain(self, model) -> nn.Module:
+        """A copy of the model in its base architecture: every sparse layer becomes an nn.Linear holding M * W'."""
+        plain = copy.deepcopy(model)
+        for name, module in pst_modules(plain):
+            parent_name, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent_name), child, module.to_linear())
+        return plain
+
+    def export(self, model, out_dir):
+        """A plain `transformers` model dir (config.json + model.safetensors) that `AutoModelFor...from_pretrained`
+        loads with no sparse_peft code, plus `sparsity.json` (target, scheduled and measured per map)."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.to_plain(model).save_pretrained(str(out_dir))
+        measured = self.measured_sparsity(model)
+        (out_dir / "sparsity.json").write_text(json.dumps(
+            {"target": self.cfg.sparsity, "current": self.level.value, "measured": measured}, indent=2) + "\n")
+
+
+@register
+class Pst(MagnitudePruning):
+    name = "pst"
+    config_cls = PstConfig
+
+    def layer_config(self) -> Optional[PstConfig]:
+        return self.cfg
+
+    def freeze(self, model):
+        self.freeze_except(model, lambda n: ".pst_" in n)  # W and its bias stay frozen; the head trains
