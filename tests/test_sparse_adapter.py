@@ -229,6 +229,12 @@ def test_placements_and_sizes_count_by_hand():
     groups = meth.param_groups(model, 1e-3, 0.1)
     scale_ids = {id(p) for n, p in model.named_parameters() if n.endswith("adapter_scale")}
     assert len(scale_ids) == 4 and scale_ids <= {id(p) for p in groups[1]["params"]}  # no weight decay
+    base, meth = build("adapter", "tiny_bert", "method.placement=pfeiffer")
+    model = meth.inject(base)
+    decayed = {id(p) for p in meth.param_groups(model, 1e-3, 0.1)[0]["params"]}
+    for n, p in model.named_parameters():  # a pfeiffer adapter sits inside `output.LayerNorm`: its weights still decay
+        if ".adapter_" in n:
+            assert (id(p) in decayed) == n.endswith("weight"), n
 
 
 @pytest.mark.parametrize("placement", ["houlsby", "parallel", "pfeiffer"])

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_peft import UserError
-from sparse_peft.methods.base import Method, MethodConfig, layer_of
+from sparse_peft.methods.base import Method, MethodConfig, layer_of, no_decay
 from sparse_peft.methods.registry import register
 from sparse_peft.models import match_modules
 
@@ -128,7 +128,9 @@ class Adapter(Method):
                 base = model.get_submodule(name)
                 self.sites[name] = AdapterLinear(base, base.out_features, attn_size if name in attn else ffn_size, c)
         else:
-            ffn_in = {layer_of(n + "."): n for n in match_modules(model, ["ffn_in"], roles)} if c.placement == "parallel" else {}
+            ffn_in = {}  # block -> the FFN's first map, whose input the parallel adapter reads
+            if c.placement == "parallel":
+                ffn_in = {layer_of(n + "."): n for n in match_modules(model, ["ffn_in"], roles)}
             for name in match_modules(model, ["ffn_out"], roles):
                 layer = layer_of(name + ".")
                 if c.placement == "parallel":
@@ -153,10 +155,11 @@ class Adapter(Method):
         return model
 
     def param_groups(self, model, lr, weight_decay, skip=lambda name: False):
-        # a learnable scale gets no weight decay (decay would pull the adapter towards off)
-        def is_scale(n):
-            return n.endswith(".adapter_scale")
+        """Adapter parameters by their own name (a pfeiffer adapter lives inside `LayerNorm`, which the name-based
+        convention would exempt): the weight matrices decay, biases and a learnable scale do not."""
+        def decays(n):
+            return n.endswith((".adapter_down.weight", ".adapter_up.weight")) if ".adapter_" in n else not no_decay(n)
 
-        groups = super().param_groups(model, lr, weight_decay, skip=lambda n: skip(n) or is_scale(n))
-        groups[1]["params"] += [p for n, p in model.named_parameters() if p.requires_grad and is_scale(n) and not skip(n)]
-        return groups
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not skip(n)]
+        return [{"params": [p for n, p in named if decays(n)], "lr": lr, "weight_decay": weight_decay},
+                {"params": [p for n, p in named if not decays(n)], "lr": lr, "weight_decay": 0.0}]
