@@ -237,15 +237,24 @@ def test_placements_and_sizes_count_by_hand():
             assert (id(p) in decayed) == n.endswith("weight"), n
 
 
+@pytest.mark.parametrize("model", ["tiny_bert", "tiny_deberta"])
 @pytest.mark.parametrize("placement", ["houlsby", "parallel", "pfeiffer"])
-def test_every_placement_starts_as_the_identity_with_lora_init(placement):
-    base, _ = build("full")
+def test_every_placement_starts_as_the_identity_with_lora_init(placement, model):
+    base, _ = build("full", model)
     ref = {k: v.clone() for k, v in base.state_dict().items()}
-    base2, meth = build("sparse_adapter", "tiny_bert", "method.init=lora", f"method.placement={placement}")
+    base2, meth = build("sparse_adapter", model, "method.init=lora", f"method.placement={placement}")
     base2.load_state_dict(ref)
     adapted = meth.inject(base2).eval()
     ids = torch.randint(5, 1000, (2, 9))
     assert torch.allclose(adapted(input_ids=ids).logits, base.eval()(input_ids=ids).logits, atol=1e-6)
+    if placement == "parallel":  # the adapter reads the FFN's input, not the output map's
+        seen = {}
+        for name, site in meth.sites.items():
+            ffn_in = adapted.get_submodule(name.replace("output.dense", "intermediate.dense"))
+            ffn_in.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, [a[0]]))
+            site.adapter = lambda h, f=site.adapter, name=name: (seen[name].append(h), f(h))[1]
+        adapted(input_ids=ids)
+        assert len(seen) == 2 and all(len(v) == 2 and v[0] is v[1] for v in seen.values())
     with torch.no_grad():  # and the adapter is in the forward: a non-zero up-projection changes the output
         for site in meth.sites.values():
             site.adapter_up.weight.normal_(std=0.1)  # not a constant: LayerNorm would remove a uniform shift
