@@ -98,6 +98,13 @@ CASES = [
      r"scheduler=exp_linear needs method.sparse_lambda_2 > 0 .*"),
     ("cubic schedule without a sparsity target", ["method=sora", "scheduler=cubic"], None,
      r"scheduler=cubic drives a sparsity target every step; method=sora has none .*"),
+    ("cubic warmups overlap", ["method=pst", "scheduler=cubic", "scheduler.initial_warmup=0.6",
+                               "scheduler.final_warmup=0.5"], None,
+     r"config `scheduler.initial_warmup` \(>= 0\) \+ `scheduler.final_warmup` \(> 0: .*\) must be < 1 together, "
+     r"got 0.6 \+ 0.5"),
+    ("PST sparsity 1", ["method=pst", "method.sparsity=1.0"], None,
+     r"config `method.sparsity` must be in \[0, 1\) \(the fraction of zero weights\), got 1.0"),
+    ("PST rank 0", ["method=pst", "method.rank=0"], None, r"config `method.rank` must be >= 1, got 0"),
     ("missing data dir", ["data.root=/nonexistent"], None, r"data directory /nonexistent/glue/rte does not exist; .*"),
     ("header-only training file", [], lambda d, r: header_only(d, r, "train"),
      r"<data>/glue/rte/train.tsv: no data rows \(a header alone\); re-copy the file"),
