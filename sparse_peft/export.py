@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import set_seed
@@ -48,6 +49,8 @@ def load_run(run_dir: Path, stage: int | None = None):
     model = base_model(run, task, tokenizer)
     method = build_method(run.method, run.model, metrics["steps"], task)
     model = method.inject(model)
+    if (run_dir / "method_state.pt").exists():  # masks and the like, as at the end of training
+        method.load_state_dict(torch.load(run_dir / "method_state.pt", weights_only=True))
     load_trainable(model, load_file(str(weights)))
     if stage is None:
         expected = {"eval": metrics["eval"], "test": metrics["test"]}

@@ -146,7 +146,7 @@ def prepare_output_dir(trainer_cfg, cfg) -> tuple[Path, Optional[dict]]:
         return out, None
     lock_output_dir(out)
     if trainer_cfg.overwrite:
-        for name in ("metrics.json", "curve.jsonl", "model.safetensors", "config.yaml"):
+        for name in ("metrics.json", "curve.jsonl", "model.safetensors", "method_state.pt", "config.yaml"):
             (out / name).unlink(missing_ok=True)
         for name in ("checkpoints", "stages", "wandb"):
             shutil.rmtree(out / name, ignore_errors=True)
@@ -170,7 +170,7 @@ def discard_failed_start(out: Path) -> None:
 
     if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
         sys.modules["wandb"].finish(exit_code=1)  # close its files before they are removed
-    for name in ("config.yaml", "curve.jsonl", "model.safetensors"):
+    for name in ("config.yaml", "curve.jsonl", "model.safetensors", "method_state.pt"):
         (out / name).unlink(missing_ok=True)
     for name in ("wandb", "stages", "checkpoints"):
         shutil.rmtree(out / name, ignore_errors=True)
@@ -183,6 +183,14 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     fsync_file(tmp)
     os.replace(tmp, path)
 
+
+
+def save_method_state(state: dict, path: Path) -> None:
+    """A method's non-parameter state (masks, thresholds) beside the weights it belongs to; atomic."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    fsync_file(tmp)
+    os.replace(tmp, path)
 
 
 def load_trainable(model, state: dict[str, torch.Tensor]) -> None:

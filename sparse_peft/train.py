@@ -23,8 +23,8 @@ from sparse_peft.distributed import broadcast, finish, init_world
 from sparse_peft.loop import evaluate_splits, fit
 from sparse_peft.methods import build_method, count
 from sparse_peft.models import build_model, load_tokenizer
-from sparse_peft.runio import (discard_failed_start, in_sweep, load_trainable, prepare_output_dir, save_weights,
-                               unlock_output_dir, write_json_atomic)
+from sparse_peft.runio import (discard_failed_start, in_sweep, load_trainable, prepare_output_dir, save_method_state,
+                               save_weights, unlock_output_dir, write_json_atomic)
 from sparse_peft.schedulers import plan as plan_steps
 from sparse_peft.tasks import build_task
 
@@ -88,6 +88,8 @@ def run_training(cfg: DictConfig, run, world, out: Path) -> dict:
     if t.select == "last":
         load_trainable(model, last_weights)
     save_weights(method.trained_state(model), out / "model.safetensors")  # what metrics.json reports; for export
+    if method.state_dict():  # e.g. SparseAdapter's masks, which the export restores with the weights
+        save_method_state(method.state_dict(), out / "method_state.pt")
     metrics = {
         "method": run.method.label or run.method.name, "task": run.task.name, "model": run.model.name, "seed": t.seed,
         "eval": chosen["eval"], "test": chosen["test"], "checkpoint": t.select,
