@@ -9,6 +9,7 @@ import os
 import random
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -83,6 +84,33 @@ def train_step(model, method, optimizer, scheduler, batch, run, step: int) -> fl
     value = loss.item()  # train.py accumulates loss.item() for its log
     optimizer_step(model, method, optimizer, scheduler, run.trainer.max_grad_norm, step)
     return value
+
+
+def time_train_steps(built: dict, runs: dict, batch: dict, args) -> tuple[dict, dict, dict]:
+    """Seconds of each built variant's train step on the same batch, interleaved (`time_interleaved`), the losses
+    of every step, and each variant's step function (one more step, returning its seconds).
+    `built[name]` = (model, method, optimizer, scheduler)."""
+    losses = {name: [] for name in built}
+    counters = {name: 0 for name in built}
+
+    def stepper(name):
+        model, method, optimizer, scheduler = built[name]
+
+        def step() -> float:
+            t0 = time.perf_counter()
+            losses[name].append(train_step(model, method, optimizer, scheduler, batch, runs[name], counters[name]))
+            counters[name] += 1
+            return time.perf_counter() - t0
+        return step
+
+    steppers = {name: stepper(name) for name in built}
+    return time_interleaved(steppers, args.steps, args.warmup, args.block), losses, steppers
+
+
+def step_summary(model, method, losses: list[float]) -> dict:
+    """Parameter counts and first/last loss of a timed variant."""
+    return {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "retained_params_after": method.retained_params(model), "first_loss": losses[0], "last_loss": losses[-1]}
 
 
 def time_interleaved(fns: dict, steps: int, warmup: int, block: int) -> dict[str, list[float]]:

@@ -14,14 +14,13 @@ adds up parameters and AdamW moments, which live across steps.
 """
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from _common import (add_timing_args, base_args, bootstrap_ratio_ci, build_ours, emit, environment,
-                     first_train_batch, load_data, median, run_config, setup, time_interleaved, train_step)
+                     first_train_batch, load_data, median, run_config, setup, time_train_steps)
 
 VARIANTS = {"pst": ["method=pst", "method.sparsity=0.9", "method.rank=8", "method.score_rank=8"],
             "full": ["method=full"],
@@ -60,19 +59,7 @@ def main() -> None:
     data, task, tok = load_data(runs["lora"])
     batch = first_train_batch(data, runs["lora"].trainer.batch_size, args.seed)
     built = {name: build_ours(run, data, task, tok, args.seed) for name, run in runs.items()}
-    losses, counters = {name: [] for name in runs}, {name: 0 for name in runs}
-
-    def stepper(name):
-        model, method, optimizer, scheduler = built[name]
-
-        def step() -> float:
-            t0 = time.perf_counter()
-            losses[name].append(train_step(model, method, optimizer, scheduler, batch, runs[name], counters[name]))
-            counters[name] += 1
-            return time.perf_counter() - t0
-        return step
-
-    times = time_interleaved({name: stepper(name) for name in runs}, args.steps, args.warmup, args.block)
+    times, losses, steppers = time_train_steps(built, runs, batch, args)
     report = {}
     for name, (model, method, optimizer, _) in built.items():
         report[name] = {"median_s": median(times[name]), "all_s": [round(t, 4) for t in times[name]],
@@ -84,7 +71,7 @@ def main() -> None:
         report[name]["trainable_percent"] = 100 * report[name]["trainable_params"] / report[name]["total_params"]
     if not args.no_memory:
         for name in runs:
-            peak = step_peak_mb(stepper(name))
+            peak = step_peak_mb(steppers[name])
             report[name]["step_peak_mb"] = None if peak is None else round(peak, 1)
     ratios = {}
     for den in ("full", "lora"):

@@ -10,11 +10,10 @@ mode; --warmup untimed steps each, then --steps timed steps each, interleaved in
 """
 from __future__ import annotations
 
-import time
 
 
 from _common import (add_timing_args, base_args, build_ours, emit, environment, first_train_batch, load_data,
-                     ratio_report, run_config, setup, time_interleaved, train_step)
+                     ratio_report, run_config, setup, step_summary, time_train_steps)
 
 GOAL = 1.05
 
@@ -31,25 +30,10 @@ def main() -> None:
     batch = first_train_batch(data, runs["lora"].trainer.batch_size, args.seed)
 
     built = {name: build_ours(run, data, task, tok, args.seed) for name, run in runs.items()}
-    losses = {name: [] for name in runs}
-    counters = {name: 0 for name in runs}
-
-    def stepper(name):
-        model, method, optimizer, scheduler = built[name]
-
-        def step() -> float:
-            t0 = time.perf_counter()
-            losses[name].append(train_step(model, method, optimizer, scheduler, batch, runs[name], counters[name]))
-            counters[name] += 1
-            return time.perf_counter() - t0
-        return step
-
-    times = time_interleaved({name: stepper(name) for name in runs}, args.steps, args.warmup, args.block)
+    times, losses, _ = time_train_steps(built, runs, batch, args)
     report = ratio_report(times, "sora", "lora", GOAL)
     for name, (model, method, _, _) in built.items():
-        report[name].update(trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                            retained_params_after=method.retained_params(model),
-                            first_loss=losses[name][0], last_loss=losses[name][-1])
+        report[name].update(step_summary(model, method, losses[name]))
     emit({"benchmark": "sora_step", "task": "glue/rte", "model": "minilm", "lora_r": 8,
           "batch_shape": list(batch["input_ids"].shape), "steps": args.steps, "warmup": args.warmup,
           "block": args.block, **report, "env": environment(args), "note": args.note}, args.out)

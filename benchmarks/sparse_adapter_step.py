@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 from _common import (add_timing_args, base_args, build_ours, emit, environment, first_train_batch, load_data,
-                     ratio_report, run_config, setup, time_interleaved, train_step)
+                     ratio_report, run_config, setup, step_summary, time_train_steps)
 
 from sparse_peft.loop import start_batches
 
@@ -43,25 +43,10 @@ def main() -> None:
     t0 = time.perf_counter()
     method.on_train_start(model, start_batches(task, data, runs["sparse_adapter"], method.train_start_batches, "cpu"))
     prune_s = time.perf_counter() - t0
-    losses = {name: [] for name in runs}
-    counters = {name: 0 for name in runs}
-
-    def stepper(name):
-        model, method, optimizer, scheduler = built[name]
-
-        def step() -> float:
-            t0 = time.perf_counter()
-            losses[name].append(train_step(model, method, optimizer, scheduler, batch, runs[name], counters[name]))
-            counters[name] += 1
-            return time.perf_counter() - t0
-        return step
-
-    times = time_interleaved({name: stepper(name) for name in runs}, args.steps, args.warmup, args.block)
+    times, losses, _ = time_train_steps(built, runs, batch, args)
     report = ratio_report(times, "sparse_adapter", "adapter", GOAL)
     for name, (model, method, _, _) in built.items():
-        report[name].update(trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                            retained_params_after=method.retained_params(model),
-                            first_loss=losses[name][0], last_loss=losses[name][-1])
+        report[name].update(step_summary(model, method, losses[name]))
     weights, masks = built["sparse_adapter"][1].weights_and_masks()
     report["sparse_adapter"].update(
         prune_s=round(prune_s, 3), pruned_still_zero=all(bool((weights[n][m == 0] == 0).all()) for n, m in masks.items()),
