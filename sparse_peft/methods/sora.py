@@ -148,7 +148,7 @@ class Sora(Method):
         xi = self.xi * group["lr"] if self.cfg.threshold_scaling == "lr" else self.xi
         if xi > 0:
             for g in group["params"]:
-                if g.grad is not None:  # a gate frozen this step (IST trains some layers only) is not stepped
+                if g.requires_grad:  # a gate frozen this step (IST trains some layers only) is not stepped
                     g.copy_(soft_threshold(g, xi, self.cfg.mode))
 
     def ranks(self, model):
