@@ -101,7 +101,7 @@ def test_importance_update_equals_the_formula_by_hand():
     assert new[0] == new[1] > 0 > new[2] == new[3]
 
 
-@pytest.mark.parametrize("arch, base", [("bert", "lora"), ("llama", "adapter")])
+@pytest.mark.parametrize("arch, base", [("bert", "lora"), ("bert", "sora"), ("llama", "adapter")])
 def test_the_importance_loop_suppresses_forwards_and_restores(arch, base):
     model, meth = build(arch, "ist", base, layers=6, update_interval=1)
     assert (meth.n_update, meth.n_suppress) == (2, 3)

@@ -103,6 +103,11 @@ class LayerSampling(Wrapper):
         return n
 
     def apply(self, model):
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            # DDP expects a gradient for every parameter it registered; the frozen layers change every step
+            raise UserError(f"method={self.name} trains different layers every step: multi-process (DDP) runs are not "
+                            f"supported; run it in one process")
         model = super().apply(model)
         self.layers = list(self.inner.layer_params(model))
         if not self.layers:
