@@ -45,6 +45,7 @@ def fit(run, task, data, model, method, plan: Plan, out: Path, world: World, dev
         log.info("resumed from %s at step %d", ckpt_dir, state.step)
     elif method.train_start_batches > 0:
         method.on_train_start(model, start_batches(task, data, run, method.train_start_batches, device))
+    method.draw_batch = lambda key, size: draw_batch(task, data, run, device, key, size)
     logger = RunLogger(out, run.logger, f"{run.method.name}-{run.task.name}-seed{t.seed}", config, state.step,
                        write=world.main)
     loaders = {name: task.eval_loader(split, t.eval_batch_size) for name, split in data.eval_splits.items()}
@@ -136,6 +137,14 @@ def start_batches(task, data, run, n: int, device) -> list[dict]:
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(run.trainer.seed)).tolist()
     loader = make_loader(data.train, data.collator, run.trainer.batch_size, order[: n * run.trainer.batch_size])
     return [task.inputs(b, device) for b in loader]
+
+
+def draw_batch(task, data, run, device, key: int, size: int) -> dict:
+    """`size` distinct training examples as one batch, drawn with a generator seeded from (trainer.seed, key), so a
+    method's extra batches (IST's importance update) are the same on a resumed run and leave the run's RNG alone."""
+    g = torch.Generator().manual_seed(run.trainer.seed * 1_000_003 + key)
+    order = torch.randperm(len(data.train), generator=g)[:size].tolist()
+    return task.inputs(next(iter(make_loader(data.train, data.collator, len(order), order))), device)
 
 
 def forward_loss(model, method, batch: dict, step: int) -> torch.Tensor:

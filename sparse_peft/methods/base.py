@@ -6,6 +6,8 @@ The loop (`sparse_peft/loop.py`) calls them in this order:
     param_groups(model, lr, wd)       once: the optimizer's groups
     on_train_start(model, batches)    once, on a fresh run (not on resume: `load_state_dict` restores instead),
                                       with `train_start_batches` training batches (e.g. pruning at initialisation)
+    draw_batch = <callable>           set once before training: `draw_batch(key, size)` -> `size` training
+                                      examples as a batch on the model's device (e.g. IST's importance update)
     every step:
       set_threshold(value)            when a scheduler drives the key named by `threshold_key`
       on_step_begin(model, step)      e.g. choosing which layers train this step
@@ -25,7 +27,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from peft import TaskType
@@ -88,6 +90,11 @@ class Method:
 
     # --- optional hooks -------------------------------------------------------------------------------
     train_start_batches: int = 0  # training batches handed to `on_train_start`
+
+    # Set by the loop before the first step: `draw_batch(key, size)` returns `size` training examples (labels included,
+    # on the model's device) drawn with a generator seeded from (trainer.seed, key): the same key gives the same batch,
+    # also in a resumed run, and the run's RNG stream is untouched. None outside the loop.
+    draw_batch: Optional[Callable[[int, int], dict]] = None
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float, skip=lambda name: False) -> list[dict]:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not skip(n)]

@@ -171,7 +171,8 @@ class Sora(Method):
         xi = self.xi * group["lr"] if self.cfg.threshold_scaling == "lr" else self.xi
         if xi > 0:
             for g in group["params"]:
-                g.copy_(soft_threshold(g, xi, self.cfg.mode))
+                if g.requires_grad:  # a gate frozen this step (IST trains some layers only) is not stepped
+                    g.copy_(soft_threshold(g, xi, self.cfg.mode))
 
     def ranks(self, model):
         return {n: m.rank for n, m in sora_modules(model)}
