@@ -283,3 +283,11 @@ def test_smollm2_loglik_on_real_boolq(tmp_path):
     model = build_model(run.model, task, tok)
     scores = task.evaluate(model, task.eval_loader(data.eval_splits["test"], 8), torch.device("cpu"))
     assert 0.0 <= scores["accuracy"] <= 1.0
+
+
+def test_training_batches_get_token_accuracy(tiny_cs, tokenizer):
+    """A staged scheduler's probe hands `evaluate` a DataLoader of training batches: teacher-forced token accuracy."""
+    from sparse_peft.tasks.loaders import eval_loader
+    run, task, data, tok = load_task(tiny_cs, "boolq", tokenizer=tokenizer)
+    scores = task.evaluate(tiny_model(run, task, tok), eval_loader(data.train, data.collator, 8), torch.device("cpu"))
+    assert set(scores) == {"accuracy"} and 0.0 <= scores["accuracy"] <= 1.0

@@ -9,6 +9,7 @@ from sparse_peft import UserError
 from sparse_peft.config import load_run_config
 from sparse_peft.methods import METHODS, build_method
 from sparse_peft.models import build_model, load_tokenizer
+from sparse_peft.tasks import build_task
 from sparse_peft.train import train
 
 ALL_METHODS = sorted(METHODS)
@@ -39,8 +40,9 @@ def build(method, model="tiny_bert", *extra):
     run = load_run_config(make_cfg([f"method={method}", f"model={model}", "logger.wandb.mode=disabled", *extra]))
     tok = load_tokenizer(run.model)
     torch.manual_seed(0)
-    base = build_model(run.model, 2, len(tok))
-    meth = build_method(run.method, run.model)
+    task = build_task(run.task, run.data)  # glue/rte: two labels
+    base = build_model(run.model, task, tok)
+    meth = build_method(run.method, run.model, task=task)
     return base, meth
 
 
