@@ -139,7 +139,7 @@ class EvalBatches:
     batch_size: int
 
 
-def right_pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     n = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), n), dtype=torch.long)
@@ -158,8 +158,8 @@ class CausalCollator:
         self.pad_id = pad_id
 
     def __call__(self, features: list[dict]) -> dict:
-        ids, mask = right_pad([list(map(int, f["input_ids"])) for f in features], self.pad_id)
-        labels, _ = right_pad([list(map(int, f["labels"])) for f in features], -100)
+        ids, mask = pad_batch([list(map(int, f["input_ids"])) for f in features], self.pad_id)
+        labels, _ = pad_batch([list(map(int, f["labels"])) for f in features], -100)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -324,7 +324,7 @@ class Commonsense(Task):
         texts: list[str] = [""] * len(items)
         for start in range(0, len(order), batches.batch_size):
             idx = order[start:start + batches.batch_size]
-            ids, mask = right_pad([items[i]["prompt_ids"] for i in idx], tok.pad_token_id, side="left")
+            ids, mask = pad_batch([items[i]["prompt_ids"] for i in idx], tok.pad_token_id, side="left")
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                  num_beams=c.num_beams, max_new_tokens=c.max_new_tokens,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -357,7 +357,7 @@ class Commonsense(Task):
         order = sorted(range(len(rows)), key=lambda k: -len(rows[k][1]))
         for start in range(0, len(order), batches.batch_size):
             batch = [rows[k] for k in order[start:start + batches.batch_size]]
-            ids, mask = right_pad([r[1] for r in batch], self.tokenizer.pad_token_id, side="left")
+            ids, mask = pad_batch([r[1] for r in batch], self.tokenizer.pad_token_id, side="left")
             keep = max(r[2] for r in batch) + 1
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
