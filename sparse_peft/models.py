@@ -118,6 +118,7 @@ def build_model(model_cfg, task, tokenizer) -> nn.Module:
         kwargs = dict(num_labels=task.num_labels,
                       problem_type="regression" if task.num_labels == 1 else "single_label_classification")
     else:  # a decoder: its pad/eos ids are the tokenizer's, for generation
+        prepare_causal_tokenizer(tokenizer)  # done by the task already; idempotent (export builds without one)
         kwargs = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         if tokenizer.bos_token_id is not None:
             kwargs["bos_token_id"] = tokenizer.bos_token_id
