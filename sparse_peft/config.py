@@ -75,9 +75,12 @@ class ModelConfig:
     arch: Optional[str] = None  # random init: a transformers model_type (bert, deberta-v2, ...)
     config: dict = field(default_factory=dict)  # random init: config kwargs
     modules: dict = field(default_factory=dict)  # role -> module-name pattern (query, key, ..., ffn_out)
-    head_modules: list = field(default_factory=lambda: ["classifier", "pooler"])
-    dtype: str = "float32"
-    CHOICES: ClassVar[dict] = {"source": ("package", "hub", "random")}
+    head_modules: list = field(default_factory=lambda: ["classifier", "pooler"])  # decoders (causal LM): []
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (bfloat16 where the GPU supports it)
+    gguf_file: Optional[str] = None  # weights and tokenizer from this GGUF file in the package / dir (`gguf` package)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
+    CHOICES: ClassVar[dict] = {"source": ("package", "hub", "random"),
+                               "dtype": ("float32", "bfloat16", "float16", "auto")}
 
 
 @dataclass

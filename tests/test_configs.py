@@ -29,7 +29,24 @@ def test_defaults():
 
 
 def test_all_nine_glue_tasks_have_configs():
-    assert options("task") == [f"glue/{t}" for t in sorted(["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"])]
+    glue = [f"glue/{t}" for t in sorted(["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"])]
+    assert [o for o in options("task") if o.startswith("glue/")] == glue
+
+
+def test_commonsense_tasks_have_configs():
+    names = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa", "all"]
+    assert [o for o in options("task") if o.startswith("commonsense/")] == sorted(f"commonsense/{t}" for t in names)
+    for name in names:
+        run = load_run_config(make_cfg([f"task=commonsense/{name}", "model=smollm2"]))
+        assert (run.task.group, run.task.name, run.task.eval_mode, run.task.train_on_inputs) == \
+            ("commonsense", name, "generate", True)
+        assert run.model.head_modules == [] and run.model.gguf_file
+
+
+def test_lora_ist_targets_preset():
+    run = load_run_config(make_cfg(["+experiment=lora_ist_targets", "model=smollm2"]))
+    assert list(run.method.target_modules) == ["query", "key", "value", "ffn_in", "ffn_out"]
+    assert (run.method.lora_r, run.method.lora_alpha, run.task.name, run.data.max_length) == (32, 64, "all", 256)
 
 
 def test_hub_models_share_the_role_names():

@@ -41,8 +41,9 @@ def build(method, model="tiny_bert", *extra):
     run = load_run_config(make_cfg([f"method={method}", f"model={model}", "logger.wandb.mode=disabled", *extra]))
     tok = load_tokenizer(run.model)
     torch.manual_seed(0)
-    base = build_model(run.model, build_task(run.task, run.data), tok)
-    meth = build_method(run.method, run.model)
+    task = build_task(run.task, run.data)  # glue/rte: two labels
+    base = build_model(run.model, task, tok)
+    meth = build_method(run.method, run.model, task=task)
     return base, meth
 
 
