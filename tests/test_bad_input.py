@@ -3,6 +3,7 @@
 The README's bad-input table is this list's output: `UPDATE_BAD_INPUT_TABLE=1 python -m pytest
 tests/test_bad_input.py` rewrites it, and without the variable the test fails when the two differ.
 """
+import json
 import os
 import re
 import shutil
@@ -57,6 +58,15 @@ def bad_label(data, root):
     return root
 
 
+def boolq_only(data, root):
+    (root / "commonsense" / "boolq").mkdir(parents=True)
+    record = {"instruction": "Is it? Answer format: true/false", "input": "", "output": "the correct answer is true",
+              "answer": "true"}
+    for split in ("train", "test"):
+        (root / "commonsense" / "boolq" / f"{split}.json").write_text(json.dumps([record] * 4))
+    return root
+
+
 # (case, overrides, data set-up or None, message: a regex the whole error line must match)
 CASES = [
     ("unknown method", ["method=nope"], None, r"unknown method `nope`; choose method=<name> with name in \[.*\]"),
@@ -79,7 +89,7 @@ CASES = [
     ("LoRA dropout 1.5", ["method=lora", "method.lora_dropout=1.5"], None,
      r"config `method.lora_dropout` must be in \[0, 1\), got 1.5"),
     ("adapter bottleneck 0", ["method=adapter", "method.adapter_size=0"], None,
-     r"config `method.adapter_size` must be >= 1, got 0"),
+     r"config `method.adapter_size` \(bottleneck width\) must be >= 1, got 0"),
     ("adapter activation", ["method=adapter", "method.non_linearity=foo"], None,
      r"config `method.non_linearity=foo` is not one of .*"),
     ("SoRA negative threshold", ["method=sora", "method.sparse_lambda_2=-1"], None,
@@ -105,6 +115,16 @@ CASES = [
     ("PST sparsity 1", ["method=pst", "method.sparsity=1.0"], None,
      r"config `method.sparsity` must be in \[0, 1\) \(the fraction of zero weights\), got 1.0"),
     ("PST rank 0", ["method=pst", "method.rank=0"], None, r"config `method.rank` must be >= 1, got 0"),
+    ("SparseAdapter sparsity 1", ["method=sparse_adapter", "method.sparsity=1.0"], None,
+     r"config `method.sparsity` is the fraction of adapter weights removed and must be in .*, got 1.0.*"),
+    ("SparseAdapter unknown pruner", ["method=sparse_adapter", "method.pruner=nope"], None,
+     r"config `method.pruner=nope` is not one of \['rand', 'mag', 'snip', 'grasp', 'synflow'\]"),
+    ("IST more layers than the model has", ["method=ist", "method.n_update=5"], None,
+     r"config `method.n_update=5` must be in \[1, 2\]: the model has 2 .*"),
+    ("IST around a method without layers", ["method=ist", "method.base=full"], None,
+     r"config `method.base=full` has no per-layer parameters; choose one of \[.*\]"),
+    ("commonsense task without its file", ["model=tiny_llama", "task=commonsense/hellaswag"], boolq_only,
+     r"no training file for commonsense/hellaswag: <data>/commonsense/hellaswag/train.json is missing; .*"),
     ("missing data dir", ["data.root=/nonexistent"], None, r"data directory /nonexistent/glue/rte does not exist; .*"),
     ("header-only training file", [], lambda d, r: header_only(d, r, "train"),
      r"<data>/glue/rte/train.tsv: no data rows \(a header alone\); re-copy the file"),
@@ -159,7 +179,7 @@ def test_bad_input_is_one_clear_line(tmp_path, tiny_glue, case, overrides, setup
         line = in_process(tmp_path, tiny_glue, overrides, setup)
     assert re.fullmatch("error: " + message, line), line
     if setup:
-        assert "<data>/glue/rte/" in line  # the file at fault is named
+        assert "<data>/" in line  # the file at fault is named
     RESULTS[case] = line
 
 
@@ -168,7 +188,8 @@ def table() -> str:
     for case, overrides, _, _ in CASES:
         line = RESULTS[case].replace("|", "\\|")
         line = re.sub(r"\(pid \d+\)", "(pid N)", line)
-        rows.append(f"| {case} | `{' '.join(overrides) or '(the file below)'}` | `{line}` |")
+        args = f"`{' '.join(overrides)}`" if overrides else "(none: the data file is at fault)"
+        rows.append(f"| {case} | {args} | `` {line} `` |")  # double backticks: the messages quote with backticks
     return "\n".join(rows)
 
 
@@ -176,10 +197,9 @@ def test_readme_table_matches_the_cases():
     if len(RESULTS) != len(CASES):
         pytest.skip("run with the cases above (the whole file) to compare the README table")
     text = README.read_text()
-    current = text[text.index(START) + len(START):text.index(END)].strip()
-    # messages that name a temporary value (an exception type, a byte offset) keep their regex-checked shape only
-    expected = table()
+    start, end = text.index(START) + len(START), text.index(END)
+    current, expected = text[start:end].strip(), table()
     if os.environ.get("UPDATE_BAD_INPUT_TABLE"):
-        README.write_text(text.replace(current, expected))
+        README.write_text(text[:start] + "\n" + expected + "\n" + text[end:])
         return
     assert current == expected, "README bad-input table is stale: UPDATE_BAD_INPUT_TABLE=1 pytest tests/test_bad_input.py"
