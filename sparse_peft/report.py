@@ -213,29 +213,31 @@ def stages_report(run_dir: Path, out_dir: Path, plot_name: str = "stages.png") -
     return text
 
 
-def choose(runs: list[dict], key: str, metric: str | None = None) -> tuple[str, dict]:
-    """Per (method, task): the value of `key` with the best mean validation metric over seeds, and a table of
-    every value's mean ± std (n), the chosen one in bold."""
+def choose(runs: list[dict], key: str, metric: str | None = None, group_by=("method", "task")) -> tuple[str, dict]:
+    """Per group (default: method and task): the value of `key` with the best mean validation metric over seeds,
+    and a table of every value's mean ± std (n), the chosen one in bold."""
+    group_by = list(group_by) + (["task"] if "task" not in group_by else [])
     cells = defaultdict(list)
     for r in runs:
         value = metric_of(r, metric, "eval")
         if value is not None:
-            cells[(r["method"], r["task"], key_value(r, key))].append(value)
+            cells[(tuple(key_value(r, k) for k in group_by), key_value(r, key))].append(value)
     chosen = {}
-    for (m, t, v), vals in cells.items():
-        best = chosen.get((m, t))
-        if best is None or statistics.fmean(vals) > statistics.fmean(cells[(m, t, best)]):
-            chosen[(m, t)] = v
-    values = sorted({v for _, _, v in cells}, key=lambda v: (str(type(v)), v))
+    for (g, v), vals in cells.items():
+        best = chosen.get(g)
+        if best is None or statistics.fmean(vals) > statistics.fmean(cells[(g, best)]):
+            chosen[g] = v
+    values = sorted({v for _, v in cells}, key=lambda v: (str(type(v)), v))
     lines = [f"Selection of `{key}` on the validation metric (mean ± std over seeds, x100); chosen in bold.", "",
-             "| method | task | " + " | ".join(map(str, values)) + " | chosen |", "|" + "---|" * (len(values) + 3)]
-    for m, t in sorted(chosen):
+             f"| {' | '.join(group_by)} | " + " | ".join(map(str, values)) + " | chosen |",
+             "|" + "---|" * (len(group_by) + len(values) + 1)]
+    for g in sorted(chosen, key=lambda t: tuple(str(x) for x in t)):
         out = []
         for v in values:
-            vals = cells.get((m, t, v))
+            vals = cells.get((g, v))
             text = fmt(vals) if vals else "–"
-            out.append(f"**{text}**" if vals and v == chosen[(m, t)] else text)
-        lines.append(f"| {m} | {t} | " + " | ".join(out) + f" | {chosen[(m, t)]} |")
+            out.append(f"**{text}**" if vals and v == chosen[g] else text)
+        lines.append(f"| {' | '.join(map(str, g))} | " + " | ".join(out) + f" | {chosen[g]} |")
     return "\n".join(lines) + "\n", chosen
 
 
@@ -291,7 +293,7 @@ def main(argv=None) -> None:
     if not runs:
         raise SystemExit(f"error: no completed run (metrics.json with status completed) below {a.root}")
     if a.choose:
-        text, _ = choose(runs, a.choose, a.metric)
+        text, _ = choose(runs, a.choose, a.metric, group_by)
         if a.out:
             a.out.mkdir(parents=True, exist_ok=True)
             (a.out / "choice.md").write_text(text)

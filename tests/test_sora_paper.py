@@ -106,6 +106,8 @@ def test_learning_rate_choice_uses_the_validation_mean(tmp_path, capsys):
     text, chosen = choose(collect(tmp_path)[0], "trainer.lr")
     assert chosen == {("lora", "rte"): 1e-4, ("sora", "rte"): 3e-4}
     assert "| lora | rte | **65.00 ± 7.07 (n=2)** | 60.00 ± 28.28 (n=2) | 0.0001 |" in text
+    by_seed, _ = choose(collect(tmp_path)[0], "trainer.lr", group_by=["method", "seed"])  # any config key groups
+    assert "| lora | 0 | rte |" in by_seed
     report_main([str(tmp_path), "--choose", "trainer.lr", "--out", str(tmp_path / "rep")])
     assert (tmp_path / "rep" / "choice.md").read_text() == text == capsys.readouterr().out
 
