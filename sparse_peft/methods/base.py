@@ -44,6 +44,11 @@ class MethodConfig:
     label: Optional[str] = None  # a variant's name in results and presets (lora_r4, sora_gates_only); null: `name`
 
 
+def modules_of(model: nn.Module, types) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module of the given class(es): a method's injected layers."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
+
+
 def count(params) -> int:
     return sum(p.numel() for p in params)
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_peft import UserError
-from sparse_peft.methods.base import Method, MethodConfig, count
+from sparse_peft.methods.base import Method, MethodConfig, count, modules_of
 from sparse_peft.methods.lora import SIX_MAPS
 from sparse_peft.methods.registry import register
 from sparse_peft.models import match_modules
@@ -182,7 +182,7 @@ class PstLinear(nn.Module):
 
 
 def pst_modules(model: nn.Module) -> list[tuple[str, PstLinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, PstLinear)]
+    return modules_of(model, PstLinear)
 
 
 @register

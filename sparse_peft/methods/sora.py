@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from sparse_peft import UserError
-from sparse_peft.methods.base import Method
+from sparse_peft.methods.base import Method, modules_of
 from sparse_peft.methods.registry import register
 from sparse_peft.methods.lora import LoraMethodConfig
 from sparse_peft.models import match_modules
@@ -97,7 +97,7 @@ class SoraLinear(nn.Module):
 
 
 def sora_modules(model: nn.Module) -> list[tuple[str, SoraLinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, SoraLinear)]
+    return modules_of(model, SoraLinear)
 
 
 @register
