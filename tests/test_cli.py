@@ -22,7 +22,7 @@ def cli(tmp_path, *args, env_extra=None):
     (["method=nope"], "error: unknown method `nope`; choose method=<name> with name in ['adalora', 'adapter', 'bitfit'"),
     (["task=glue/nope"], "error: unknown task `glue/nope`"),
     (["-m", "model=minilm,nope"], "error: unknown model `nope`"),
-    (["trainer.epoch=3"], "Key 'epoch' is not in struct"),
+    (["trainer.epoch=3"], "error: config `trainer.epoch`: no such key; check its spelling"),
     (["model=tiny_bert", "data.root=/nonexistent"], "error: data directory /nonexistent/glue/rte does not exist"),
     (["model=bert_base", "data.root=DATA"], "error: model `bert_base`"),
     (["model=tiny_bert"], "error: cannot load nyu-mll/glue/rte from the Hugging Face hub"),
