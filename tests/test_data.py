@@ -102,7 +102,7 @@ def test_missing_dir_and_split_are_clear(tmp_path):
     with pytest.raises(UserError, match="no `validation_matched` split"):
         d = tmp_path / "glue" / "mnli"
         d.mkdir(parents=True)
-        (d / "train.tsv").write_text("index\tsentence1\tsentence2\tgold_label\n")
+        (d / "train.tsv").write_text("index\tsentence1\tsentence2\tgold_label\n0\tA\tB\tneutral\n")
         load_glue("mnli", str(tmp_path), "glue")
 
 
