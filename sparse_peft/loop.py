@@ -28,6 +28,7 @@ class Result:
     state: TrainState
     best: Optional[dict]  # trainable weights of the best evaluation of stage 0
     logger: RunLogger
+    loaders: dict  # evaluation split name -> loader, for the final evaluation
 
 
 def fit(run, task, data, model, method, plan: Plan, out: Path, world: World, device: torch.device, config: dict) -> Result:
@@ -121,7 +122,7 @@ def fit(run, task, data, model, method, plan: Plan, out: Path, world: World, dev
             if state.step >= stage.end:
                 break
     bar.close()
-    return Result(state, best, logger)
+    return Result(state, best, logger, loaders)
 
 
 def build_optimizer(model, method, run, plan: Plan):

@@ -78,7 +78,7 @@ def run_training(cfg: DictConfig, run, world, out: Path) -> dict:
         return {"status": "completed", "rank": world.rank}
 
     # ---- final evaluation: last and best (stage 0) checkpoints on every split ------------------------
-    loaders = {name: task.eval_loader(split, t.eval_batch_size) for name, split in data.eval_splits.items()}
+    loaders = result.loaders
     last = evaluate_splits(model, task, loaders, device)
     last_weights = method.trained_state(model)
     if result.best is not None:  # none when no evaluation came after the threshold settled: best = last
