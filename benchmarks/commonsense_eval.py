@@ -1,63 +1,85 @@
 """Evaluation throughput of the commonsense scoring modes on SmolLM2-135M: `loglik` vs `generate` (items/s).
 
-Both score the same `--n` test items per task with the project's own code (load_tokenizer, the Commonsense task's
-load / eval_loader / predict, build_model): `generate` greedy (or `--num-beams`), `--max-new-tokens` (reference
-32), left-padded batches of `--batch-size`; `loglik` the label log-likelihoods (one forward per item when the
-labels differ in their last token only). `--repeats` timed passes per mode, interleaved, after one untimed
-warm-up batch each. Also reports each mode's accuracy and how often the two modes agree. The packaged model is
-not fine-tuned on this format: its generations rarely contain a label and run the full `max_new_tokens`, so
-`generate` here is its worst case (a tuned model stops at EOS after ~7 tokens).
+Both score the same test items with the project's own code (the Commonsense task's load / eval_loader / predict):
+`generate` greedy (or `--num-beams`), `--max-new-tokens` (reference 32), left-padded batches of `--batch-size`;
+`loglik` the label log-likelihoods (one forward per item when the labels differ in their last token only).
+`--repeats` timed passes per mode, interleaved, after one untimed warm-up batch each. Reports each mode's accuracy
+per task (and their mean) and, with both modes, how often they agree.
+
+The model is the packaged SmolLM2 as it ships (zero-shot; `--n` seeded test items per task, the same items a
+training run with `data.max_eval_samples=<n>` scores), or with `--run DIR` a finished run's trained model on that
+run's own test subset (`--n` is then ignored). The packaged model is not fine-tuned on the answer format: its
+generations rarely contain a label and run the full `--max-new-tokens`, so zero-shot `generate` is its worst case.
 
   SPARSE_PEFT_DATA=/work/shared/data python benchmarks/commonsense_eval.py --out benchmarks/results/commonsense_eval.json
+  python benchmarks/commonsense_eval.py --run RUN_DIR --tasks arc_e,obqa --repeats 1   # agreement after training
 """
 from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from _common import base_args, emit, environment, run_config, setup
+from sparse_peft.export import load_run
 from sparse_peft.models import build_model, load_tokenizer
 from sparse_peft.tasks import build_task
 from sparse_peft.tasks.commonsense import EvalBatches
 
 
+def load(args):
+    """(test items per task, model in eval mode, tokenizer, task, load seconds)."""
+    t0 = time.perf_counter()
+    if args.run:
+        run, task, model, _, tokenizer, _ = load_run(Path(args.run))
+        if task.name != "all":
+            raise SystemExit(f"error: {args.run} is a commonsense/{task.name} run; --run needs a commonsense/all run")
+    else:
+        run = run_config(["model=smollm2", "task=commonsense/all", f"data.max_eval_samples={args.n}"], args)
+        tokenizer = load_tokenizer(run.model)
+        task = build_task(run.task, run.data)
+        model = None
+    for key in ("num_beams", "max_new_tokens"):  # unset: the run's (zero-shot: the task config's defaults)
+        if getattr(args, key) is not None:
+            setattr(task.cfg, key, getattr(args, key))
+    tests = task.load(tokenizer).eval_splits["test"]
+    if model is None:
+        model = build_model(run.model, task, tokenizer)
+    wanted = args.tasks.split(",") if args.tasks else sorted(tests)
+    missing = [t for t in wanted if t not in tests]
+    if missing:
+        raise SystemExit(f"error: no test set for {missing}; choose from {sorted(tests)}")
+    return {t: tests[t].items for t in wanted}, model.eval(), tokenizer, task, time.perf_counter() - t0
+
+
 def main() -> None:
     p = base_args(__doc__.splitlines()[0])
-    p.add_argument("--tasks", default="boolq,arc_c", help="comma-separated commonsense tasks")
-    p.add_argument("--n", type=int, default=24, help="test items per task")
+    p.add_argument("--tasks", default=None, help="comma-separated commonsense tasks (default: every test set)")
+    p.add_argument("--n", type=int, default=24, help="test items per task (zero-shot)")
+    p.add_argument("--run", default=None, help="a finished commonsense/all run dir: score its trained model")
+    p.add_argument("--modes", default="loglik,generate", help="comma-separated: loglik, generate")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's (zero-shot: 32)")
+    p.add_argument("--num-beams", type=int, default=None, help="default: the run's (zero-shot: 1, greedy)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     setup(args)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    modes = args.modes.split(",")
+    tasks, model, tokenizer, task, load_s = load(args)
+    model.to(device)
 
-    results, model, tokenizer = {}, None, None
-    for name in args.tasks.split(","):
-        run = run_config(["model=smollm2", f"task=commonsense/{name}", f"data.max_eval_samples={args.n}",
-                          "data.max_train_samples=8", "task.val_set_size=1", f"task.num_beams={args.num_beams}",
-                          f"task.max_new_tokens={args.max_new_tokens}"], args)
-        if model is None:
-            t0 = time.perf_counter()
-            tokenizer = load_tokenizer(run.model)
-            tok_s = time.perf_counter() - t0
-        task = build_task(run.task, run.data)
-        data = task.load(tokenizer)
-        if model is None:
-            t0 = time.perf_counter()
-            model = build_model(run.model, task, tokenizer).to(device).eval()
-            load_s = time.perf_counter() - t0
-        items = data.eval_splits["test"].items
+    results = {}
+    for name, items in tasks.items():
         answers = [it["answer"] for it in items]
-        times, preds = {"loglik": [], "generate": []}, {}
-        for mode in times:  # warm-up: one batch
+        times, preds = {m: [] for m in modes}, {}
+        for mode in modes:  # warm-up: one batch
             task.predict(model, EvalBatches(items[:args.batch_size], mode, args.batch_size), device)
         for r in range(args.repeats):
-            for mode in (list(times) if r % 2 == 0 else list(times)[::-1]):
+            for mode in (modes if r % 2 == 0 else modes[::-1]):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -66,23 +88,25 @@ def main() -> None:
                     torch.cuda.synchronize()
                 times[mode].append(time.perf_counter() - t0)
                 assert preds.setdefault(mode, out) == out, "predictions changed between passes"
-        texts = task.generate_texts(model, EvalBatches(items[:2], "generate", args.batch_size), device)
         results[name] = {
             "items": len(items),
             **{mode: {"median_s": statistics.median(ts), "items_per_s": len(items) / statistics.median(ts),
                       "all_s": [round(t, 3) for t in ts],
                       "accuracy": sum(p == a for p, a in zip(preds[mode], answers)) / len(items),
-                      "no_label_extracted": sum(p == "" for p in preds[mode])} for mode, ts in times.items()},
-            "speedup_loglik_over_generate": statistics.median(times["generate"]) / statistics.median(times["loglik"]),
-            "agreement": sum(a == b for a, b in zip(preds["loglik"], preds["generate"])) / len(items),
-            "sample_generations": texts,
-        }
-    emit({"benchmark": "commonsense_eval", "model": "smollm2", "device": str(device),
+                      "no_label_extracted": sum(p == "" for p in preds[mode])} for mode, ts in times.items()}}
+        if len(modes) == 2:
+            results[name].update(
+                speedup_loglik_over_generate=statistics.median(times["generate"]) / statistics.median(times["loglik"]),
+                agreement=sum(a == b for a, b in zip(preds["loglik"], preds["generate"])) / len(items))
+        if "generate" in modes:
+            results[name]["sample_generations"] = task.generate_texts(
+                model, EvalBatches(items[:2], "generate", args.batch_size), device)
+    mean = {m: sum(r[m]["accuracy"] for r in results.values()) / len(results) for m in modes}
+    emit({"benchmark": "commonsense_eval", "model": "smollm2", "run": args.run, "device": str(device),
           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-          "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
-          "repeats": args.repeats, "tokenizer_load_s": round(tok_s, 2), "model_load_s": round(load_s, 2),
-          "dtype": str(next(model.parameters()).dtype), "tasks": results, "env": environment(args), "note": args.note},
-         args.out)
+          "batch_size": args.batch_size, "max_new_tokens": task.cfg.max_new_tokens, "num_beams": task.cfg.num_beams,
+          "repeats": args.repeats, "load_s": round(load_s, 2), "dtype": str(next(model.parameters()).dtype),
+          "mean_accuracy": mean, "tasks": results, "env": environment(args), "note": args.note}, args.out)
 
 
 if __name__ == "__main__":

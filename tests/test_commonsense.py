@@ -291,3 +291,24 @@ def test_training_batches_get_token_accuracy(tiny_cs, tokenizer):
     run, task, data, tok = load_task(tiny_cs, "boolq", tokenizer=tokenizer)
     scores = task.evaluate(tiny_model(run, task, tok), eval_loader(data.train, data.collator, 8), torch.device("cpu"))
     assert set(scores) == {"accuracy"} and 0.0 <= scores["accuracy"] <= 1.0
+
+
+@needs_smollm2
+def test_eval_benchmark_rescores_a_finished_run(tmp_path, tiny_cs):
+    """benchmarks/commonsense_eval.py --run scores a trained run's own test subset with the trained model: its
+    `loglik` accuracies are the run's test metrics (scored by loglik), task by task."""
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    m = train(make_cfg(run_overrides(out, tiny_cs, "task=commonsense/all", "task.val_set_size=6",
+                                      "task.max_new_tokens=5", "data.max_eval_samples=8", "task.eval_mode=loglik",
+                                      "trainer.batch_size=4")))
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "commonsense_eval.py"
+    subprocess.run([sys.executable, str(bench), "--run", str(out), "--repeats", "1", "--batch-size", "2",
+                    "--threads", "1", "--out", str(tmp_path / "eval.json")], check=True, capture_output=True)
+    got = json.loads((tmp_path / "eval.json").read_text())
+    assert sorted(got["tasks"]) == ["arc_e", "boolq", "piqa"] and got["max_new_tokens"] == 5
+    for t, r in got["tasks"].items():
+        assert r["items"] == 8 and r["loglik"]["accuracy"] == pytest.approx(m["test"][f"{t}_accuracy"])
+        assert 0.0 <= r["agreement"] <= 1.0
+    assert got["mean_accuracy"]["loglik"] == pytest.approx(m["test"]["accuracy"])
