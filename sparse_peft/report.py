@@ -4,8 +4,10 @@ Finds every run's `metrics.json` below <dir> (single runs and Hydra sweeps alike
 `--out DIR` to files:
 - `report.md`: the metric as mean ± std over seeds (n) per group (rows: the group-by keys other than `task`;
   columns: tasks) with the GLUE average, then the retained parameters per group and task with their share of
-  the base model, then the incomplete or failed runs (listed, never averaged in);
-- `summary.csv` (one row per group and task) and `runs.csv` (one row per run: the per-seed values);
+  the base model, then the incomplete or failed runs (listed, never averaged in); a commonsense/all run's
+  per-task scores (`<task>_accuracy`) are columns of their own, averaged as the LLM-Adapters tables do;
+- `summary.csv` (one row per group and task) and `runs.csv` (one row per run: the per-seed values, train time and
+  peak memory);
 - `retained_vs_metric.png`: one point per run, one colour per row group, a panel per task;
 - `stages_<run>.png` for every run whose `curve.jsonl` holds sparsifying-scheduler stages (SoRA's
   generalization / memorization against retained parameters).
@@ -48,6 +50,19 @@ def collect(root: Path) -> tuple[list[dict], list[Path]]:
         else:
             incomplete.append(run_dir)
     return done, incomplete
+
+
+def per_task(runs: list[dict], split: str) -> list[dict]:
+    """A multi-task run (commonsense/all) scores every test set as `<task>_accuracy`: one entry per task, so the
+    table has the benchmark's columns (BoolQ ... OBQA) and their average, as the LLM-Adapters tables do."""
+    out = []
+    for r in runs:
+        parts = {k[:-len("_accuracy")]: v for k, v in (r.get(split) or {}).items() if k.endswith("_accuracy")}
+        if len(parts) > 1:
+            out += [{**r, "task": t, split: {"accuracy": v}, "selection_metric": "accuracy"} for t, v in parts.items()]
+        else:
+            out.append(r)
+    return out
 
 
 def key_value(run: dict, key: str):
@@ -129,12 +144,12 @@ def write_csvs(runs: list[dict], group_by: list[str], metric: str | None, split:
     with open(out / "runs.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow([*row_keys, "task", "seed", "metric", "eval", "test", "retained_params", "trainable_params",
-                    "total_params", "steps", "train_time_s", "dir"])
+                    "total_params", "steps", "train_time_s", "peak_memory_mb", "dir"])
         for r in sorted(runs, key=lambda r: (str([key_value(r, k) for k in row_keys]), r["task"], r["seed"])):
             name = metric or r["selection_metric"]
             w.writerow([*(key_value(r, k) for k in row_keys), r["task"], r["seed"], name, (r.get("eval") or {}).get(name),
                         (r.get("test") or {}).get(name), r["retained_params"], r["trainable_params"],
-                        r["total_params"], r["steps"], r.get("train_time_s"), r["dir"]])
+                        r["total_params"], r["steps"], r.get("train_time_s"), r.get("peak_memory_mb"), r["dir"]])
 
 
 def plot_retained(runs: list[dict], group_by: list[str], metric: str | None, split: str, path: Path) -> None:
@@ -299,6 +314,8 @@ def main(argv=None) -> None:
             (a.out / "choice.md").write_text(text)
         print(text, end="")
         return
+    if a.metric is None:
+        runs = per_task(runs, a.split)
     text = tables(runs, group_by, a.metric, a.split)
     if incomplete:
         text += "\nIncomplete or failed runs (not averaged): " + ", ".join(str(d) for d in incomplete) + "\n"

@@ -48,3 +48,21 @@ def test_group_by_a_hyper_parameter_test_split_csv_and_plot(tmp_path, capsys):
     assert len(per_seed) == 4 and {r["seed"] for r in per_seed} == {"0", "1", "2"}
     assert (tmp_path / "rep" / "retained_vs_metric.png").stat().st_size > 1000
     assert (tmp_path / "rep" / "report.md").read_text() == out
+
+
+def test_a_multi_task_run_gets_a_column_per_task(tmp_path, capsys):
+    """commonsense/all: the test split's `<task>_accuracy` become the table's columns, their mean the average."""
+    for i, (boolq, piqa) in enumerate([(0.6, 0.5), (0.8, 0.7)]):
+        d = tmp_path / str(i)
+        write_run(d, "lora", "all", i, 0.55)
+        m = json.loads((d / "metrics.json").read_text())
+        m.update(test={"accuracy": (boolq + piqa) / 2, "boolq_accuracy": boolq, "piqa_accuracy": piqa},
+                 peak_memory_mb=123.0)
+        (d / "metrics.json").write_text(json.dumps(m))
+    main([str(tmp_path), "--split", "test", "--out", str(tmp_path / "rep")])
+    out = capsys.readouterr().out
+    assert "| method | boolq (accuracy) | piqa (accuracy) | avg |" in out
+    assert "| lora | 70.00 ± 14.14 (n=2) | 60.00 ± 14.14 (n=2) | 65.00 |" in out
+    assert {r["peak_memory_mb"] for r in csv.DictReader(open(tmp_path / "rep" / "runs.csv"))} == {"123.0"}
+    main([str(tmp_path)])  # validation: one accuracy per run, one column
+    assert "| method | all (accuracy) | avg |" in capsys.readouterr().out
