@@ -6,7 +6,8 @@
 # Usage: bash scripts/update_results.sh [sets...]   (default: every set in DEFAULT_SETS)
 set -eu
 cd "$(dirname "$0")/.."
-DEFAULT_SETS="baselines experiments/sora_glue experiments/sora_glue_gpu experiments/sora_ablation experiments/sora_scheduler"
+DEFAULT_SETS="baselines experiments/sora_glue experiments/sora_glue_gpu experiments/sora_ablation experiments/sora_scheduler
+  experiments/commonsense_smollm2 experiments/ist_glue"
 for set in ${*:-$DEFAULT_SETS}; do
   [ -d "runs/$set" ] || [ -d "results/$set" ] || continue
   while IFS= read -r m; do
@@ -20,7 +21,7 @@ for set in ${*:-$DEFAULT_SETS}; do
   if [ -e "runs/$set/command.txt" ]; then cp "runs/$set/command.txt" "results/$set/"; fi
   name=$(basename "$set"); tables=results/tables/$name
   case $name in
-    sora_glue|sora_glue_gpu)  # split protocol sora: the held-out test half is the reported number, validation beside it
+    sora_glue|sora_glue_gpu|ist_glue)  # split protocol sora: the held-out test half is the reported number, validation beside it
       python -m sparse_peft.report "results/$set" --split test --out "$tables" > /dev/null
       python -m sparse_peft.report "results/$set" --split eval --out "$tables/validation" > /dev/null ;;
     sora_ablation*)  # variants of one method side by side: the varied keys are columns
@@ -30,6 +31,8 @@ for set in ${*:-$DEFAULT_SETS}; do
       [ -e "results/$set/metrics.json" ] || continue
       python -m sparse_peft.report "results/$set" --stages "$tables" > /dev/null
       cp "$tables/stages.md" "$tables/report.md" ;;
+    commonsense_smollm2)  # one column per commonsense test set (the runs' test split), peak memory in runs.csv
+      python -m sparse_peft.report "results/$set" --split test --out "$tables" > /dev/null ;;
     *) python -m sparse_peft.report "results/$set" --out "$tables" > /dev/null ;;
   esac
   NAME=$name python - <<'PY'
