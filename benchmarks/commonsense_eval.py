@@ -22,36 +22,33 @@ from pathlib import Path
 
 import torch
 
-from _common import base_args, emit, environment, run_config, setup
+from _common import base_args, emit, environment, load_data, run_config, setup
 from sparse_peft.export import load_run
-from sparse_peft.models import build_model, load_tokenizer
-from sparse_peft.tasks import build_task
+from sparse_peft.models import build_model
 from sparse_peft.tasks.commonsense import EvalBatches
 
 
 def load(args):
-    """(test items per task, model in eval mode, tokenizer, task, load seconds)."""
+    """(test items per task, model in eval mode, task, load seconds)."""
     t0 = time.perf_counter()
     if args.run:
-        run, task, model, _, tokenizer, _ = load_run(Path(args.run))
+        _, task, model, _, tokenizer, _ = load_run(Path(args.run))
         if task.name != "all":
             raise SystemExit(f"error: {args.run} is a commonsense/{task.name} run; --run needs a commonsense/all run")
+        tests = task.load(tokenizer).eval_splits["test"]
     else:
         run = run_config(["model=smollm2", "task=commonsense/all", f"data.max_eval_samples={args.n}"], args)
-        tokenizer = load_tokenizer(run.model)
-        task = build_task(run.task, run.data)
-        model = None
+        data, task, tokenizer = load_data(run)
+        tests = data.eval_splits["test"]
+        model = build_model(run.model, task, tokenizer)
     for key in ("num_beams", "max_new_tokens"):  # unset: the run's (zero-shot: the task config's defaults)
         if getattr(args, key) is not None:
             setattr(task.cfg, key, getattr(args, key))
-    tests = task.load(tokenizer).eval_splits["test"]
-    if model is None:
-        model = build_model(run.model, task, tokenizer)
     wanted = args.tasks.split(",") if args.tasks else sorted(tests)
     missing = [t for t in wanted if t not in tests]
     if missing:
         raise SystemExit(f"error: no test set for {missing}; choose from {sorted(tests)}")
-    return {t: tests[t].items for t in wanted}, model.eval(), tokenizer, task, time.perf_counter() - t0
+    return {t: tests[t].items for t in wanted}, model.eval(), task, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -69,7 +66,7 @@ def main() -> None:
     setup(args)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     modes = args.modes.split(",")
-    tasks, model, tokenizer, task, load_s = load(args)
+    tasks, model, task, load_s = load(args)
     model.to(device)
 
     results = {}
