@@ -120,13 +120,18 @@ def main() -> None:
 
     memory = {"how": HOW[device.type], "goal": f"ist / base peak bytes <= {MEMORY_GOAL}"}
     for name, (model, method, optimizer) in built.items():  # one variant at a time
-        per_step = [steps[name](measure=True) for _ in range(args.mem_steps)]
+        per_step, lowest = [], []
+        for _ in range(args.mem_steps):
+            per_step.append(steps[name](measure=True))
+            if name == "ist":  # the saving depends on how deep backward goes: the lowest trained block
+                lowest.append(method.layers.index(method.active[0]))
         resident = resident_bytes(model, optimizer)
-        memory[name] = {"resident_bytes": resident, "step_bytes_max": max(per_step),
+        memory[name] = {"resident_bytes": resident, "step_bytes": per_step, "step_bytes_max": max(per_step),
                         "step_bytes_mean": statistics.mean(per_step), "peak_bytes": resident + max(per_step),
                         "params_with_grad_last_step": sum(p.numel() for p in model.parameters() if p.requires_grad)}
         if name == "ist":
-            memory[name].update(n_update=method.n_update, layers=len(method.layers), last_scores=method.scores.tolist())
+            memory[name].update(n_update=method.n_update, layers=len(method.layers), lowest_active=lowest,
+                                last_scores=method.scores.tolist())
         if device.type == "cuda":
             memory[name]["max_memory_allocated_process"] = torch.cuda.max_memory_allocated()
     memory["ratio_peak"] = memory["ist"]["peak_bytes"] / memory["base"]["peak_bytes"]

@@ -246,3 +246,25 @@ def test_bad_config_is_a_clear_error(keys, message):
 def test_too_many_layers_is_a_clear_error(method, keys):
     with pytest.raises(UserError, match=r"must be in \[1, 2\]: the model has 2 layers"):
         build("bert", method, layers=2, **keys)
+
+
+def test_step_benchmark_records_each_steps_bytes_and_lowest_trained_layer(tmp_path, tiny_glue):
+    """benchmarks/ist_step.py end to end on a tiny BERT: per measured step, IST's bytes and its lowest trained block;
+    with one of two blocks trained, every IST step keeps fewer bytes for backward than any LoRA step."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "ist_step.py"
+    out = tmp_path / "ist.json"
+    subprocess.run([sys.executable, str(bench), "--model", "tiny_bert", "--task", "glue/rte", "--data-root",
+                    str(tiny_glue), "--batch-size", "4", "--steps", "2", "--warmup", "1", "--block", "1",
+                    "--mem-steps", "4", "--threads", "1", "--device", "cpu", "--out", str(out)],
+                   check=True, capture_output=True)
+    mem = json.loads(out.read_text())["memory"]
+    ist, base = mem["ist"], mem["base"]
+    assert (ist["layers"], ist["n_update"]) == (2, 1)
+    assert len(ist["step_bytes"]) == len(ist["lowest_active"]) == len(base["step_bytes"]) == 4
+    assert set(ist["lowest_active"]) <= {0, 1}
+    assert max(ist["step_bytes"]) < min(base["step_bytes"])
+    assert ist["params_with_grad_last_step"] < base["params_with_grad_last_step"]
