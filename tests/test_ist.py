@@ -55,7 +55,8 @@ def is_head(name: str) -> bool:
 
 @pytest.mark.parametrize("arch, method, base", [("bert", "ist", "lora"), ("bert", "ist", "adapter"),
                                                 ("bert", "ist", "sora"), ("bert", "rst", "lora"),
-                                                ("llama", "ist", "lora"), ("llama", "ist", "adapter")])
+                                                ("llama", "ist", "lora"), ("llama", "ist", "adapter"),
+                                                ("llama", "ist", "dora"), ("bert", "rst", "dora")])
 def test_only_the_sampled_layers_change(arch, method, base):
     model, meth = build(arch, method, base, **({"update_interval": 2} if method == "ist" else {}))
     meth.draw_batch = lambda key, size: batch(size, seed=100 + key)

@@ -1,7 +1,7 @@
 """IST (Yao et al., Findings of EMNLP 2024) and RST: each step, train the inner method's parameters of a sampled
 subset of the blocks only. Facts and decisions: ../shared/METHODS.md (IST / RST).
 
-Wraps a layer method (`method.base: lora | adapter | sora`, anything with per-layer parameters and an output
+Wraps a layer method (`method.base: lora | dora | adapter | sora`, anything with per-layer parameters and an output
 scaling). L = the blocks that hold the inner method's parameters (`encoder.layer.N`, `model.layers.N`, ...).
 
 Every step (`on_step_begin`) `n_update` blocks are drawn; only their inner parameters keep `requires_grad`. A frozen
