@@ -44,6 +44,23 @@ def test_every_experiment_preset_composes(preset):
     load_run_config(apply_presets(make_cfg([f"+experiment={preset}"])))
 
 
+
+def test_commonsense_preset_gives_every_method_the_scripts_lora():
+    """LoRA and DoRA get the IST scripts' LoRA directly, IST and RST as their inner method; a rate on the command
+    line wins (the sweep's grid)."""
+    def job(method):
+        overrides = ["+experiment=commonsense_smollm2", f"method={method}", "trainer.lr=5e-4"]
+        return load_run_config(apply_presets(make_cfg(overrides), overrides=overrides))
+
+    for method in ("lora", "dora", "ist", "rst"):
+        run = job(method)
+        lora = run.method.inner_config() if method in ("ist", "rst") else run.method
+        assert (lora.name, lora.lora_r, lora.lora_alpha, lora.lora_dropout) == (
+            "dora" if method == "dora" else "lora", 32, 64, 0.05), method
+        assert lora.target_modules == ["query", "key", "value", "ffn_in", "ffn_out"]
+        assert (run.model.name, run.task.name, run.task.eval_mode, run.trainer.lr) == (
+            "smollm2", "all", "loglik", 5e-4)
+
 def test_sora_glue_preset_gives_each_method_its_setting():
     def job(method, task="glue/rte"):
         return load_run_config(apply_presets(make_cfg(["+experiment=sora_glue", f"method={method}", f"task={task}"])))
