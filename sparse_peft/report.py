@@ -9,6 +9,8 @@ Finds every run's `metrics.json` below <dir> (single runs and Hydra sweeps alike
 - `summary.csv` (one row per group and task) and `runs.csv` (one row per run: the per-seed values, train time and
   peak memory);
 - `retained_vs_metric.png`: one point per run, one colour per row group, a panel per task;
+- `convergence.md` and `validation_curves.png`: each run's validation metric at every evaluation, its best and
+  what the second half of training added (has the budget converged?);
 - `stages_<run>.png` for every run whose `curve.jsonl` holds sparsifying-scheduler stages (SoRA's
   generalization / memorization against retained parameters).
 Group-by keys are `method`, `task`, `model`, or any dotted config key (`method.sparse_lambda`, `trainer.lr`).
@@ -182,9 +184,68 @@ def pyplot():
     return plt
 
 
-def stage_records(run_dir: Path) -> list[dict]:
+def curve_records(run_dir: Path, kind: str) -> list[dict]:
+    """The records of one `type` ("eval", "stage") in a run's curve.jsonl, in order."""
     lines = (run_dir / "curve.jsonl").read_text().splitlines() if (run_dir / "curve.jsonl").exists() else []
-    return [r for r in map(json.loads, filter(str.strip, lines)) if r.get("type") == "stage"]
+    return [r for r in map(json.loads, filter(str.strip, lines)) if r.get("type") == kind]
+
+
+def stage_records(run_dir: Path) -> list[dict]:
+    return curve_records(run_dir, "stage")
+
+
+def validation_curve(run: dict, metric: str | None = None) -> list[tuple[float, float]]:
+    """(epoch, validation metric) at each of the run's evaluations."""
+    name = metric or run["selection_metric"]
+    return [(r.get("epoch") or r["step"], r["eval"][name]) for r in curve_records(Path(run["dir"]), "eval")
+            if name in (r.get("eval") or {})]
+
+
+def convergence(runs: list[dict], group_by: list[str], metric: str | None = None) -> str:
+    """Has each run's validation curve flattened? Per run: the metric at every evaluation, the best and its epoch,
+    and what the second half of the evaluations added to the first half's best (small or negative: flat)."""
+    keys = [k for k in group_by if k != "seed"] + ["seed"]
+    lines = ["Validation metric at every evaluation (x100), the best and its epoch, and the second half's gain: "
+             "best of the second half of the evaluations minus best of the first half (small or negative: the "
+             "curve had flattened).", "",
+             f"| {' | '.join(keys)} | per evaluation | best (epoch) | second-half gain |", "|" + "---|" * (len(keys) + 3)]
+    for r in sorted(runs, key=lambda r: tuple(str(key_value(r, k)) for k in keys)):
+        curve = validation_curve(r, metric)
+        if not curve:
+            continue
+        values = [v * 100 for _, v in curve]
+        best = max(range(len(values)), key=values.__getitem__)
+        half = (len(values) + 1) // 2
+        gain = f"{max(values[half:]) - max(values[:half]):+.2f}" if len(values) > 1 else "–"
+        lines.append(f"| {' | '.join(str(key_value(r, k)) for k in keys)} | {' '.join(f'{v:.2f}' for v in values)} | "
+                     f"{values[best]:.2f} ({curve[best][0]:g}) | {gain} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_validation_curves(runs: list[dict], group_by: list[str], metric: str | None, path: Path) -> None:
+    """One panel per task, one line per run (colour: its row group), validation metric against epoch."""
+    tasks = sorted({r["task"] for r in runs})
+    row_keys = [k for k in group_by if k != "task"]
+    groups = sorted({tuple(str(key_value(r, k)) for k in row_keys) for r in runs})
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    colours = {g: f"C{i % 10}" for i, g in enumerate(groups)}
+    for ax, task in zip(axes[0], tasks):
+        labelled = set()
+        for r in runs:
+            curve = validation_curve(r, metric)
+            if r["task"] != task or not curve:
+                continue
+            g = tuple(str(key_value(r, k)) for k in row_keys)
+            ax.plot(*zip(*curve), marker=".", color=colours[g], label=None if g in labelled else " ".join(g))
+            labelled.add(g)
+        name = metric or next(r["selection_metric"] for r in runs if r["task"] == task)
+        ax.set(title=task, xlabel="epoch", ylabel=f"validation {name}")
+        if labelled:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def stages_report(run_dir: Path, out_dir: Path, plot_name: str = "stages.png") -> str:
@@ -260,8 +321,7 @@ def plot_gate_diagnostics(runs: list[dict], path: Path) -> bool:
     """SoRA runs' `gate_overlap` (vs `gate_overlap_chance`) and `gates_grown` over training steps."""
     curves = []
     for r in runs:
-        lines = (Path(r["dir"]) / "curve.jsonl").read_text().splitlines() if (Path(r["dir"]) / "curve.jsonl").exists() else []
-        recs = [x for x in map(json.loads, filter(str.strip, lines)) if x.get("type") == "eval" and x.get("gate_overlap") is not None]
+        recs = [x for x in curve_records(Path(r["dir"]), "eval") if x.get("gate_overlap") is not None]
         if recs:
             curves.append((r, recs))
     if not curves:
@@ -314,6 +374,7 @@ def main(argv=None) -> None:
             (a.out / "choice.md").write_text(text)
         print(text, end="")
         return
+    completed = runs  # one entry per run (per_task splits a multi-task run into its tasks' columns)
     if a.metric is None:
         runs = per_task(runs, a.split)
     text = tables(runs, group_by, a.metric, a.split)
@@ -325,6 +386,8 @@ def main(argv=None) -> None:
         write_csvs(runs, group_by, a.metric, a.split, a.out)
         plot_retained(runs, group_by, a.metric, a.split, a.out / "retained_vs_metric.png")
         plot_gate_diagnostics(runs, a.out / "gate_diagnostics.png")
+        (a.out / "convergence.md").write_text(convergence(completed, group_by, a.metric))
+        plot_validation_curves(completed, group_by, a.metric, a.out / "validation_curves.png")
         for r in runs:
             if stage_records(Path(r["dir"])):
                 name = str(Path(r["dir"]).relative_to(a.root)).replace("/", "_").strip(".") or "run"

@@ -66,3 +66,20 @@ def test_a_multi_task_run_gets_a_column_per_task(tmp_path, capsys):
     assert {r["peak_memory_mb"] for r in csv.DictReader(open(tmp_path / "rep" / "runs.csv"))} == {"123.0"}
     main([str(tmp_path)])  # validation: one accuracy per run, one column
     assert "| method | all (accuracy) | avg |" in capsys.readouterr().out
+
+
+def test_convergence_shows_each_runs_validation_curve_and_the_second_halfs_gain(tmp_path):
+    """convergence.md: every evaluation's validation metric, the best and its epoch, and the second half's best
+    minus the first half's (a rising curve gains, a flat one does not); validation_curves.png beside it."""
+    for name, seed, curve in (("rising", 0, [0.5, 0.6, 0.7, 0.8]), ("flat", 1, [0.8, 0.82, 0.81, 0.81])):
+        d = tmp_path / "runs" / name
+        write_run(d, "lora", "rte", seed, max(curve))
+        (d / "curve.jsonl").write_text("".join(
+            json.dumps({"type": "eval", "step": 10 * e, "epoch": float(e), "eval": {"accuracy": v}}) + "\n"
+            + json.dumps({"type": "train", "step": 10 * e + 1, "loss": 0.1}) + "\n"
+            for e, v in enumerate(curve, start=1)))
+    main([str(tmp_path / "runs"), "--out", str(tmp_path / "rep")])
+    text = (tmp_path / "rep" / "convergence.md").read_text()
+    assert "| lora | rte | 0 | 50.00 60.00 70.00 80.00 | 80.00 (4) | +20.00 |" in text
+    assert "| lora | rte | 1 | 80.00 82.00 81.00 81.00 | 82.00 (2) | -1.00 |" in text
+    assert (tmp_path / "rep" / "validation_curves.png").stat().st_size > 1000
