@@ -10,7 +10,7 @@ Finds every run's `metrics.json` below <dir> (single runs and Hydra sweeps alike
   peak memory);
 - `retained_vs_metric.png`: one point per run, one colour per row group, a panel per task;
 - `convergence.md` and `validation_curves.png`: each run's validation metric at every evaluation, its best and
-  what the second half of training added (has the budget converged?);
+  what the last third of the evaluations added to the best before them (had the curve flattened?);
 - `stages_<run>.png` for every run whose `curve.jsonl` holds sparsifying-scheduler stages (SoRA's
   generalization / memorization against retained parameters).
 Group-by keys are `method`, `task`, `model`, or any dotted config key (`method.sparse_lambda`, `trainer.lr`).
@@ -202,21 +202,21 @@ def validation_curve(run: dict, metric: str | None = None) -> list[tuple[float, 
 
 
 def convergence(runs: list[dict], group_by: list[str], metric: str | None = None) -> str:
-    """Has each run's validation curve flattened? Per run: the metric at every evaluation, the best and its epoch,
-    and what the second half of the evaluations added to the first half's best (small or negative: flat)."""
+    """Had each run's validation curve flattened by the end? Per run: the metric at every evaluation, the best and
+    its epoch, and what the last third of the evaluations added to the best before them (small or negative: flat)."""
     keys = [k for k in group_by if k != "seed"] + ["seed"]
-    lines = ["Validation metric at every evaluation (x100), the best and its epoch, and the second half's gain: "
-             "best of the second half of the evaluations minus best of the first half (small or negative: the "
-             "curve had flattened).", "",
-             f"| {' | '.join(keys)} | per evaluation | best (epoch) | second-half gain |", "|" + "---|" * (len(keys) + 3)]
+    lines = ["Validation metric at every evaluation (x100), the best and its epoch, and the last third's gain: "
+             "best of the last third of the evaluations minus best of those before (small or negative: the curve "
+             "had flattened by the end of the budget).", "",
+             f"| {' | '.join(keys)} | per evaluation | best (epoch) | last-third gain |", "|" + "---|" * (len(keys) + 3)]
     for r in sorted(runs, key=lambda r: tuple(str(key_value(r, k)) for k in keys)):
         curve = validation_curve(r, metric)
         if not curve:
             continue
         values = [v * 100 for _, v in curve]
         best = max(range(len(values)), key=values.__getitem__)
-        half = (len(values) + 1) // 2
-        gain = f"{max(values[half:]) - max(values[:half]):+.2f}" if len(values) > 1 else "–"
+        last = max(1, len(values) // 3)
+        gain = f"{max(values[-last:]) - max(values[:-last]):+.2f}" if len(values) > 1 else "–"
         lines.append(f"| {' | '.join(str(key_value(r, k)) for k in keys)} | {' '.join(f'{v:.2f}' for v in values)} | "
                      f"{values[best]:.2f} ({curve[best][0]:g}) | {gain} |")
     return "\n".join(lines) + "\n"
