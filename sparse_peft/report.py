@@ -16,7 +16,8 @@ Finds every run's `metrics.json` below <dir> (single runs and Hydra sweeps alike
 Group-by keys are `method`, `task`, `model`, or any dotted config key (`method.sparse_lambda`, `trainer.lr`).
 `--stages DIR` instead treats <dir> as one scheduler run: its per-stage table and plot (stages.md, stages.png).
 `--choose KEY` (e.g. `trainer.lr`) selects KEY per method and task on the validation metric (mean over seeds) and
-writes `choice.md`: every value's mean, the chosen one marked. With `--out`, SoRA runs also get
+writes `choice.md`: every value's mean, the chosen one marked. `--where KEY=VALUE` keeps only the matching runs
+(e.g. choose the rate on the seed the grid ran with, then report every seed at the chosen rates). With `--out`, SoRA runs also get
 `gate_diagnostics.png`: the share of surviving ranks that were among the largest initial gates, against chance,
 and the gates that grew between evaluations (is the sparsity data-driven?).
 """
@@ -355,6 +356,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=None, help="write report.md, summary.csv, runs.csv and plots here")
     p.add_argument("--choose", default=None, metavar="KEY",
                    help="select KEY (e.g. trainer.lr) per method and task on the validation metric; writes choice.md")
+    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                   help="only runs whose KEY (any group-by key) equals VALUE, e.g. choose on one seed: "
+                        "--where trainer.seed=42; repeatable")
     p.add_argument("--stages", type=Path, default=None, metavar="DIR",
                    help="root is one scheduler run: write its per-stage table and plot (stages.md, stages.png) to DIR")
     a = p.parse_args(argv)
@@ -365,8 +369,14 @@ def main(argv=None) -> None:
     if "task" not in group_by:
         group_by.append("task")
     runs, incomplete = collect(a.root)
+    for cond in a.where:
+        key, sep, value = cond.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --where {cond}: expected KEY=VALUE, e.g. --where trainer.seed=42")
+        runs = [r for r in runs if str(key_value(r, key)) == value]
     if not runs:
-        raise SystemExit(f"error: no completed run (metrics.json with status completed) below {a.root}")
+        where = f" matching {' and '.join(a.where)}" if a.where else ""
+        raise SystemExit(f"error: no completed run (metrics.json with status completed){where} below {a.root}")
     if a.choose:
         text, _ = choose(runs, a.choose, a.metric, group_by)
         if a.out:

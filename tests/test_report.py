@@ -2,6 +2,8 @@
 import csv
 import json
 
+import pytest
+
 from sparse_peft.report import collect, main
 
 
@@ -83,3 +85,13 @@ def test_convergence_shows_each_runs_validation_curve_and_the_last_thirds_gain(t
     assert "| lora | rte | 0 | 50.00 60.00 70.00 80.00 | 80.00 (4) | +10.00 |" in text
     assert "| lora | rte | 1 | 80.00 82.00 81.00 81.00 | 82.00 (2) | -1.00 |" in text
     assert (tmp_path / "rep" / "validation_curves.png").stat().st_size > 1000
+
+
+def test_where_keeps_the_matching_runs(tmp_path, capsys):
+    """--where trainer.seed=0: the choice and the table see seed 0's runs only; a key nothing matches is an error."""
+    write_run(tmp_path / "a", "lora", "rte", 0, 0.60)
+    write_run(tmp_path / "b", "lora", "rte", 1, 0.70)
+    main([str(tmp_path), "--where", "trainer.seed=0"])
+    assert "| lora | 60.00 | 60.00 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="matching trainer.seed=7"):
+        main([str(tmp_path), "--where", "trainer.seed=7"])
