@@ -32,7 +32,7 @@ for set in ${*:-$DEFAULT_SETS}; do
       python -m sparse_peft.report "results/$set" --stages "$tables" > /dev/null
       cp "$tables/stages.md" "$tables/report.md" ;;
     ist_glue_lr)  # a learning-rate grid: each method's rate chosen on validation (choice.md), every rate's test beside it
-      python -m sparse_peft.report "results/$set" --choose trainer.lr --out "$tables" > /dev/null
+      python -m sparse_peft.report "results/$set" --choose trainer.lr --where trainer.seed=42 --out "$tables" > /dev/null  # the grid ran on seed 42
       python -m sparse_peft.report "results/$set" --split test --group-by method,trainer.lr --out "$tables" > /dev/null
       python -m sparse_peft.report "results/$set" --split eval --group-by method,trainer.lr --out "$tables/validation" > /dev/null ;;
     commonsense_smollm2)  # one column per commonsense test set (the runs' test split), peak memory in runs.csv
