@@ -202,7 +202,7 @@ def validation_curve(run: dict, metric: str | None = None) -> list[tuple[float, 
             if name in (r.get("eval") or {})]
 
 
-def convergence(runs: list[dict], group_by: list[str], metric: str | None = None) -> str:
+def convergence(curves: list[tuple[dict, list]], group_by: list[str]) -> str:
     """Had each run's validation curve flattened by the end? Per run: the metric at every evaluation, the best and
     its epoch, and what the last third of the evaluations added to the best before them (small or negative: flat)."""
     keys = [k for k in group_by if k != "seed"] + ["seed"]
@@ -210,10 +210,7 @@ def convergence(runs: list[dict], group_by: list[str], metric: str | None = None
              "best of the last third of the evaluations minus best of those before (small or negative: the curve "
              "had flattened by the end of the budget).", "",
              f"| {' | '.join(keys)} | per evaluation | best (epoch) | last-third gain |", "|" + "---|" * (len(keys) + 3)]
-    for r in sorted(runs, key=lambda r: tuple(str(key_value(r, k)) for k in keys)):
-        curve = validation_curve(r, metric)
-        if not curve:
-            continue
+    for r, curve in sorted(curves, key=lambda rc: tuple(str(key_value(rc[0], k)) for k in keys)):
         values = [v * 100 for _, v in curve]
         best = max(range(len(values)), key=values.__getitem__)
         last = max(1, len(values) // 3)
@@ -223,27 +220,26 @@ def convergence(runs: list[dict], group_by: list[str], metric: str | None = None
     return "\n".join(lines) + "\n"
 
 
-def plot_validation_curves(runs: list[dict], group_by: list[str], metric: str | None, path: Path) -> None:
+def plot_validation_curves(curves: list[tuple[dict, list]], group_by: list[str], metric: str | None,
+                           path: Path) -> None:
     """One panel per task, one line per run (colour: its row group), validation metric against epoch."""
-    tasks = sorted({r["task"] for r in runs})
+    tasks = sorted({r["task"] for r, _ in curves})
     row_keys = [k for k in group_by if k != "task"]
-    groups = sorted({tuple(str(key_value(r, k)) for k in row_keys) for r in runs})
+    groups = sorted({tuple(str(key_value(r, k)) for k in row_keys) for r, _ in curves})
+    colours = {g: f"C{i % 10}" for i, g in enumerate(groups)}
     plt = pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
-    colours = {g: f"C{i % 10}" for i, g in enumerate(groups)}
-    for ax, task in zip(axes[0], tasks):
-        labelled = set()
-        for r in runs:
-            curve = validation_curve(r, metric)
-            if r["task"] != task or not curve:
-                continue
-            g = tuple(str(key_value(r, k)) for k in row_keys)
-            ax.plot(*zip(*curve), marker=".", color=colours[g], label=None if g in labelled else " ".join(g))
-            labelled.add(g)
-        name = metric or next(r["selection_metric"] for r in runs if r["task"] == task)
+    panel = dict(zip(tasks, axes[0]))
+    labelled = set()
+    for r, curve in curves:
+        g = tuple(str(key_value(r, k)) for k in row_keys)
+        first = (r["task"], g) not in labelled
+        panel[r["task"]].plot(*zip(*curve), marker=".", color=colours[g], label=" ".join(g) if first else None)
+        labelled.add((r["task"], g))
+    for task, ax in panel.items():
+        name = metric or next(r["selection_metric"] for r, _ in curves if r["task"] == task)
         ax.set(title=task, xlabel="epoch", ylabel=f"validation {name}")
-        if labelled:
-            ax.legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -396,8 +392,10 @@ def main(argv=None) -> None:
         write_csvs(runs, group_by, a.metric, a.split, a.out)
         plot_retained(runs, group_by, a.metric, a.split, a.out / "retained_vs_metric.png")
         plot_gate_diagnostics(runs, a.out / "gate_diagnostics.png")
-        (a.out / "convergence.md").write_text(convergence(completed, group_by, a.metric))
-        plot_validation_curves(completed, group_by, a.metric, a.out / "validation_curves.png")
+        curves = [(r, c) for r in completed if (c := validation_curve(r, a.metric))]  # each curve.jsonl read once
+        (a.out / "convergence.md").write_text(convergence(curves, group_by))
+        if curves:
+            plot_validation_curves(curves, group_by, a.metric, a.out / "validation_curves.png")
         for r in runs:
             if stage_records(Path(r["dir"])):
                 name = str(Path(r["dir"]).relative_to(a.root)).replace("/", "_").strip(".") or "run"

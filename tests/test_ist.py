@@ -1,8 +1,12 @@
 """IST / RST: only the sampled layers train, the importance update's formula, reproducible and uniform sampling,
 exact resume, the memory that frozen layers save, and clear errors for bad input. Encoders (tiny BERT,
 `encoder.layer.N`) and decoders (a random tiny LLaMA from `LlamaConfig`, `model.layers.N`)."""
+import json
 import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -252,10 +256,6 @@ def test_too_many_layers_is_a_clear_error(method, keys):
 def test_step_benchmark_records_each_steps_bytes_and_lowest_trained_layer(tmp_path, tiny_glue):
     """benchmarks/ist_step.py end to end on a tiny BERT: per measured step, IST's bytes and its lowest trained block;
     with one of two blocks trained, every IST step keeps fewer bytes for backward than any LoRA step."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "ist_step.py"
     out = tmp_path / "ist.json"
     subprocess.run([sys.executable, str(bench), "--model", "tiny_bert", "--task", "glue/rte", "--data-root",

@@ -44,7 +44,6 @@ def test_every_experiment_preset_composes(preset):
     load_run_config(apply_presets(make_cfg([f"+experiment={preset}"])))
 
 
-
 def test_commonsense_preset_gives_every_method_the_scripts_lora():
     """LoRA and DoRA get the IST scripts' LoRA directly, IST and RST as their inner method; a rate on the command
     line wins (the sweep's grid)."""
@@ -60,6 +59,7 @@ def test_commonsense_preset_gives_every_method_the_scripts_lora():
         assert lora.target_modules == ["query", "key", "value", "ffn_in", "ffn_out"]
         assert (run.model.name, run.task.name, run.task.eval_mode, run.trainer.lr) == (
             "smollm2", "all", "loglik", 5e-4)
+
 
 def test_sora_glue_preset_gives_each_method_its_setting():
     def job(method, task="glue/rte"):
