@@ -28,8 +28,9 @@ MEMORY_GOAL, TIME_GOAL = 0.75, 0.85
 HOW = {"cuda": "torch.cuda.max_memory_allocated during the step minus memory_allocated before it (activations, "
                "gradients, temporaries), plus the variant's resident bytes (its parameters and AdamW state)",
        "cpu": "bytes of the non-parameter tensors autograd saved for backward (unique storages, "
-              "torch.autograd.graph.saved_tensors_hooks) plus gradient buffers after backward, plus the variant's "
-              "resident bytes (its parameters and AdamW state); temporaries are not counted"}
+              "torch.autograd.graph.saved_tensors_hooks; with `recompute_frozen` also the checkpointed blocks' inputs) "
+              "plus gradient buffers after backward, plus the variant's resident bytes (its parameters and AdamW "
+              "state); temporaries are not counted"}
 
 
 def resident_bytes(model, optimizer) -> int:
@@ -56,8 +57,15 @@ def make_step(model, method, optimizer, scheduler, batch, run, device, counter: 
                 if t.data_ptr() not in params:
                     saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
                 return t
+
+            def keep_input(module, args, kwargs):  # a checkpointed block keeps its input outside saved tensors
+                pack(args[0] if args else kwargs["hidden_states"])
+            rerun = [b.register_forward_pre_hook(keep_input, with_kwargs=True)
+                     for b in getattr(method, "blocks", {}).values() if b.gradient_checkpointing]
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 loss = forward_loss(model, method, batch, counter[0])
+            for h in rerun:
+                h.remove()
         else:
             loss = forward_loss(model, method, batch, counter[0])
         loss.backward()

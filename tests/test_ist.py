@@ -17,7 +17,7 @@ from conftest import make_cfg
 from sparse_peft import UserError
 from sparse_peft.config import load_run_config
 from sparse_peft.methods import method_config
-from sparse_peft.methods.ist import importance_update
+from sparse_peft.methods.ist import checkpointable_blocks, importance_update
 from sparse_peft.methods.registry import build_method
 from sparse_peft.models import build_model, load_tokenizer
 from sparse_peft.tasks import build_task
@@ -225,6 +225,35 @@ def test_nothing_below_the_lowest_active_layer_is_recorded(arch):
     assert sizes[(0, 1)] < sizes[(0, 1, 2, 3, 4, 5)]
 
 
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_recompute_frozen_keeps_the_gradients_and_saves_the_frozen_blocks_activations(arch):
+    """`recompute_frozen`: the frozen blocks above the lowest active one are checkpointed, so backward keeps fewer
+    bytes; their re-run replays the same dropout draws, so every gradient equals the plain run's."""
+    keys = {"n_update": 2, "inner": {"lora_dropout": 0.3}}
+    runs = {}
+    for recompute in (False, True):
+        model, meth = build(arch, "ist", layers=6, recompute_frozen=recompute, **keys)
+        meth.sample = lambda: [1, 4]  # positions in meth.layers: blocks 1 and 4 train, 2, 3, 5 are re-run
+        meth.on_step_begin(model, 0)
+        model.train()
+        torch.manual_seed(7)
+        runs[recompute] = saved_bytes(model, batch(8)), {n: p.grad for n, p in model.named_parameters()
+                                                          if p.grad is not None}, meth
+    (plain, plain_grads, _), (less, grads, meth) = runs[False], runs[True]
+    assert {i for i, b in meth.blocks.items() if b.gradient_checkpointing} == {2, 3, 5}
+    assert less < 0.8 * plain
+    assert grads.keys() == plain_grads.keys() and any(".4." in n for n in grads)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, plain_grads[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_recompute_frozen_without_checkpointable_blocks_is_a_clear_error():
+    toy = torch.nn.Module()
+    toy.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
+    with pytest.raises(UserError, match=r"recompute_frozen=true` needs transformers blocks .* layers \[0, 1\]"):
+        checkpointable_blocks(toy, [0, 1])
+
+
 @pytest.mark.parametrize("method", ["ist", "rst"])
 def test_a_resumed_run_samples_the_same_layers(tmp_path, tiny_glue, monkeypatch, method):
     extra = ["model.config.num_hidden_layers=4", "method.update_interval=3"] if method == "ist" else \
@@ -253,15 +282,16 @@ def test_too_many_layers_is_a_clear_error(method, keys):
         build("bert", method, layers=2, **keys)
 
 
-def test_step_benchmark_records_each_steps_bytes_and_lowest_trained_layer(tmp_path, tiny_glue):
+@pytest.mark.parametrize("recompute", ["false", "true"])
+def test_step_benchmark_records_each_steps_bytes_and_lowest_trained_layer(tmp_path, tiny_glue, recompute):
     """benchmarks/ist_step.py end to end on a tiny BERT: per measured step, IST's bytes and its lowest trained block;
     with one of two blocks trained, every IST step keeps fewer bytes for backward than any LoRA step."""
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "ist_step.py"
     out = tmp_path / "ist.json"
     subprocess.run([sys.executable, str(bench), "--model", "tiny_bert", "--task", "glue/rte", "--data-root",
                     str(tiny_glue), "--batch-size", "4", "--steps", "2", "--warmup", "1", "--block", "1",
-                    "--mem-steps", "4", "--threads", "1", "--device", "cpu", "--out", str(out)],
-                   check=True, capture_output=True)
+                    "--mem-steps", "4", "--threads", "1", "--device", "cpu", "--ist-key",
+                    f"recompute_frozen={recompute}", "--out", str(out)], check=True, capture_output=True)
     mem = json.loads(out.read_text())["memory"]
     ist, base = mem["ist"], mem["base"]
     assert (ist["layers"], ist["n_update"]) == (2, 1)

@@ -18,6 +18,10 @@ score_i += rl_lr * r_k * p_i (1 - p_i) for each i in S_k. A higher score = a les
 Memory: below the lowest active block no parameter needs a gradient (the embeddings and the base weights are frozen),
 so autograd records nothing there: no saved activations and no backward below it (tests/test_ist.py checks that the
 hidden states entering that block do not require grad). Frozen inner parameters hold no gradient buffers.
+A frozen block above the lowest active one still keeps its activations (backward passes through it to reach the
+active blocks below). `recompute_frozen: true` checkpoints those blocks only (transformers' per-block gradient
+checkpointing, switched each step): they keep just their input and are re-run in backward, with the same dropout
+draws, so the gradients are unchanged; less memory, one extra forward of those blocks per step. Not in the paper.
 
 Sampling uses its own generator, seeded from the run's seed (`torch.initial_seed()` when the method is applied, which
 `set_seed(trainer.seed)` fixed), so the run's RNG stream is untouched; the generator state and the scores are in
@@ -27,12 +31,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from sparse_peft import UserError
+from sparse_peft.methods.base import layer_of
 from sparse_peft.methods.registry import register
 from sparse_peft.methods.wrapper import Wrapper, WrapperConfig
 
@@ -44,6 +52,7 @@ MAX_DRAWS = 1000  # tries for distinct suppression sets before a repeat is accep
 @dataclass
 class RstConfig(WrapperConfig):
     n_update: Optional[int] = None  # blocks trained per step; null = ceil(25% of L)
+    recompute_frozen: bool = False  # re-run the frozen blocks above the lowest active one in backward (less memory)
 
     def validate(self):
         super().validate()
@@ -85,6 +94,21 @@ def importance_update(scores: torch.Tensor, sets: list[list[int]], losses: list[
     return new
 
 
+def checkpointable_blocks(model: nn.Module, layers: list[int]) -> dict[int, GradientCheckpointingLayer]:
+    """The transformer blocks `layers` (by index), set up for transformers' per-block checkpointing (off until
+    `gradient_checkpointing` is set on a block)."""
+    # a block's own name ends in its index ("model.layers.3"); its submodules' names carry the index mid-name
+    blocks = {layer_of(n + "."): m for n, m in model.named_modules()
+              if layer_of(n + ".") in layers and layer_of(n) is None and isinstance(m, GradientCheckpointingLayer)}
+    if sorted(blocks) != sorted(layers):
+        raise UserError(f"`method.recompute_frozen=true` needs transformers blocks that support gradient checkpointing "
+                        f"(GradientCheckpointingLayer); {type(model).__name__} has none in layers "
+                        f"{sorted(set(layers) - set(blocks))}: set it to false")
+    for block in blocks.values():
+        block._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)  # keeps the dropout draws
+    return blocks
+
+
 class LayerSampling(Wrapper):
     """What IST and RST share: counting the blocks, the per-step freezing, the generator, state and logging."""
 
@@ -93,6 +117,7 @@ class LayerSampling(Wrapper):
         self.layers: list[int] = []  # block indices that hold inner parameters
         self.active: list[int] = []  # this step's trained blocks
         self.generator = torch.Generator()
+        self.blocks: dict[int, GradientCheckpointingLayer] = {}  # checkpointed when frozen (`recompute_frozen`)
 
     def count_of(self, key: str, fraction: float, n_layers: int) -> int:
         value = getattr(self.cfg, key)
@@ -114,6 +139,8 @@ class LayerSampling(Wrapper):
             raise UserError(f"`method.base={self.cfg.base}` put no parameters inside the model's layers "
                             f"(`layers.N` / `layer.N` blocks); check its target_modules")
         self.n_update = self.count_of("n_update", UPDATE_FRACTION, len(self.layers))
+        if self.cfg.recompute_frozen and not getattr(self.model_cfg, "gradient_checkpointing", False):
+            self.blocks = checkpointable_blocks(model, self.layers)
         self.generator.manual_seed(torch.initial_seed())  # the run's seed: set_seed(trainer.seed) ran before
         return model
 
@@ -128,6 +155,8 @@ class LayerSampling(Wrapper):
         for layer, params in self.inner.layer_params(model).items():
             for _, p in params:
                 p.requires_grad_(layer in active)
+        for layer, block in self.blocks.items():  # empty unless `recompute_frozen`
+            block.gradient_checkpointing = layer > self.active[0] and layer not in active
 
     def state_dict(self):
         return {**super().state_dict(), "generator": self.generator.get_state(), "active": list(self.active)}
