@@ -136,9 +136,10 @@ def build_model(model_cfg, task, tokenizer) -> nn.Module:
     if task.model_kind == "causal_lm":
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
+        # a training forward must not copy every layer's keys and values into a KV cache; generate() keeps one
+        model.config.use_cache, model.generation_config.use_cache = False, True
     if model_cfg.gradient_checkpointing:  # recompute activations in backward: less memory, ~30% slower
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     return model
 
 

@@ -231,6 +231,17 @@ def test_predictions_do_not_depend_on_the_eval_batch_size(tiny_cs, tokenizer):
         assert task.generate_texts(model, one, torch.device("cpu")) == task.generate_texts(model, eight, torch.device("cpu"))
 
 
+def test_training_forwards_build_no_kv_cache_and_generation_keeps_one(tiny_cs, tokenizer):
+    run, task, data, tok = load_task(tiny_cs, "boolq", tokenizer=tokenizer)
+    model = tiny_model(run, task, tok)
+    batch = data.collator([data.train[i] for i in range(2)])
+    assert model(**batch).past_key_values is None  # no copy of every layer's keys and values while training
+    calls = []
+    model.model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw.get("past_key_values")), with_kwargs=True)
+    task.generate_texts(model, task.eval_loader(data.eval_splits["test"], 2), torch.device("cpu"))
+    assert calls[-1] is not None and len(calls) > 1  # later tokens read the cache filled by the first forward
+
+
 @pytest.mark.parametrize("norm", ["mean", "char"])
 def test_loglik_norms_run(tiny_cs, tokenizer, norm):
     run, task, data, tok = load_task(tiny_cs, "arc_e", f"task.loglik_norm={norm}", tokenizer=tokenizer)
