@@ -235,9 +235,14 @@ def test_training_forwards_build_no_kv_cache_and_generation_keeps_one(tiny_cs, t
     run, task, data, tok = load_task(tiny_cs, "boolq", tokenizer=tokenizer)
     model = tiny_model(run, task, tok)
     batch = data.collator([data.train[i] for i in range(2)])
-    assert model(**batch).past_key_values is None  # no copy of every layer's keys and values while training
+    # transformers >= 5.24 names the KV cache `cache` (before: `past_key_values`), in outputs and in forward's kwargs
+    def kv(d):
+        return d.get("cache", d.get("past_key_values"))
+
+    assert kv(model(**batch, use_cache=True)) is not None  # the check below can see a cache when there is one
+    assert kv(model(**batch)) is None  # no copy of every layer's keys and values while training
     calls = []
-    model.model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw.get("past_key_values")), with_kwargs=True)
+    model.model.register_forward_pre_hook(lambda m, a, kw: calls.append(kv(kw)), with_kwargs=True)
     task.generate_texts(model, task.eval_loader(data.eval_splits["test"], 2), torch.device("cpu"))
     assert calls[-1] is not None and len(calls) > 1  # later tokens read the cache filled by the first forward
 

