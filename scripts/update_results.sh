@@ -7,7 +7,8 @@
 set -eu
 cd "$(dirname "$0")/.."
 DEFAULT_SETS="baselines experiments/sora_glue experiments/sora_glue_gpu experiments/sora_ablation experiments/sora_scheduler
-  experiments/commonsense_smollm2 experiments/ist_glue experiments/ist_glue_lr"
+  experiments/commonsense_smollm2 experiments/ist_glue experiments/ist_glue_lr
+  experiments/sora_paper"
 for set in ${*:-$DEFAULT_SETS}; do
   [ -d "runs/$set" ] || [ -d "results/$set" ] || continue
   while IFS= read -r m; do
@@ -31,8 +32,9 @@ for set in ${*:-$DEFAULT_SETS}; do
       [ -e "results/$set/metrics.json" ] || continue
       python -m sparse_peft.report "results/$set" --stages "$tables" > /dev/null
       cp "$tables/stages.md" "$tables/report.md" ;;
-    ist_glue_lr)  # a learning-rate grid: each method's rate chosen on validation (choice.md), every rate's test beside it
-      python -m sparse_peft.report "results/$set" --choose trainer.lr --where trainer.seed=42 --out "$tables" > /dev/null  # the grid ran on seed 42
+    ist_glue_lr|sora_paper)  # a learning-rate grid: each method's rate chosen on validation (choice.md), every rate's test beside it
+      seed=42; [ "$name" = sora_paper ] && seed=0  # the seed the grid ran on
+      python -m sparse_peft.report "results/$set" --choose trainer.lr --where trainer.seed=$seed --out "$tables" > /dev/null
       python -m sparse_peft.report "results/$set" --split test --group-by method,trainer.lr --out "$tables" > /dev/null
       python -m sparse_peft.report "results/$set" --split eval --group-by method,trainer.lr --out "$tables/validation" > /dev/null ;;
     commonsense_smollm2)  # one column per commonsense test set (the runs' test split), peak memory in runs.csv
