@@ -32,8 +32,8 @@ for set in ${*:-$DEFAULT_SETS}; do
       [ -e "results/$set/metrics.json" ] || continue
       python -m sparse_peft.report "results/$set" --stages "$tables" > /dev/null
       cp "$tables/stages.md" "$tables/report.md" ;;
-    sora_paper_controls|sparse_adapter_glue)  # one-variable changes of sora_paper's seed-0 cells, or the adapter's
-      keys=method,method.train_head,method.sparse_lambda,trainer.lr     # variants: the varied keys are columns
+    sora_paper_controls|sparse_adapter_glue)  # variants of one setting: the varied keys are columns
+      keys=method,method.train_head,method.sparse_lambda,trainer.lr  # sora_paper's one-variable controls
       [ "$name" = sparse_adapter_glue ] && keys=method.adapter_size,method.sparsity,trainer.lr
       python -m sparse_peft.report "results/$set" --split test --group-by $keys --out "$tables" > /dev/null
       python -m sparse_peft.report "results/$set" --split eval --group-by $keys --out "$tables/validation" > /dev/null ;;
