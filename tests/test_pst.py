@@ -60,6 +60,19 @@ def test_mask_density_per_layer_is_the_scheduled_sparsity(sparsity):
         assert method.measured_sparsity(model)[name] == pytest.approx(int(n * sparsity) / n)
 
 
+def test_magnitude_overlap_says_whether_the_learned_score_decided_anything():
+    _, method, model = build()
+    method.set_threshold(0.0)
+    assert method.log_values(model)["magnitude_overlap"] is None  # nothing pruned
+    method.set_threshold(0.5)
+    assert method.log_values(model)["magnitude_overlap"] == 1.0  # B, R, C start at zero: the score is |W'|
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, m in pst_modules(model):  # a learned score that dwarfs |W'|: the pruned set is mostly its choice
+            m.pst_R.copy_(torch.randn(m.pst_R.shape, generator=g))
+    assert 0.3 < method.log_values(model)["magnitude_overlap"] < 0.9
+
+
 def test_topk_mask_prunes_the_lowest_scores_even_with_ties():
     s = torch.tensor([[0.5, 0.0, 0.0], [0.0, 2.0, 0.1]])
     mask = topk_mask(s, 0.5)  # 3 of 6 zeroed: the lowest scores, ties at 0 broken exactly
@@ -87,20 +100,23 @@ def test_cubic_schedule_is_its_formula():
 
 
 def reference_forward(x, m: PstLinear, sparsity: float):
-    """The same layer with autograd only: the mask enters as M + S - stop_grad(S) (straight-through)."""
+    """The same layer as the released code writes it, autograd only: the mask enters as M + S - stop_grad(S)
+    (straight-through), and S's |W'| is not detached, so dL/dS reaches U, V through it."""
     w = m.weight + m.beta * m.pst_U @ m.pst_V
-    s = w.detach().abs() + m.alpha1 * m.pst_A @ m.pst_B + m.alpha2 * (m.pst_R[:, None] + m.pst_C[None, :])
-    hard = topk_mask(s.detach(), sparsity).to(s.dtype)
+    s = w.abs() + m.alpha1 * m.pst_A @ m.pst_B + m.alpha2 * (m.pst_R[:, None] + m.pst_C[None, :])
+    mask = topk_mask(s.detach(), sparsity)
+    hard = torch.ones_like(s) if mask is None else mask.to(s.dtype)
     return torch.nn.functional.linear(x, w * (hard + s - s.detach()), m.bias)
 
 
-def test_straight_through_gradients_reach_every_pst_parameter():
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])  # 0: no mask yet, but dL/dS still flows (warm-up steps)
+def test_straight_through_gradients_reach_every_pst_parameter(sparsity):
     torch.manual_seed(0)
     cfg = PstConfig(rank=3, score_rank=2, alpha1=0.7, alpha2=1.3, beta=0.9)
     base = torch.nn.Linear(10, 6).double()
     base.weight.requires_grad_(False)
     base.bias.requires_grad_(False)
-    layer = PstLinear(base, Level(0.5), cfg).double()
+    layer = PstLinear(base, Level(sparsity), cfg).double()
     with torch.no_grad():
         for p in (layer.pst_V, layer.pst_B, layer.pst_R, layer.pst_C):
             p.normal_(0, 0.1)
@@ -109,7 +125,7 @@ def test_straight_through_gradients_reach_every_pst_parameter():
     params = [x, layer.pst_U, layer.pst_V, layer.pst_A, layer.pst_B, layer.pst_R, layer.pst_C]
 
     ours = torch.autograd.grad(((layer(x) - target) ** 2).sum(), params)
-    ref = torch.autograd.grad(((reference_forward(x, layer, 0.5) - target) ** 2).sum(), params)
+    ref = torch.autograd.grad(((reference_forward(x, layer, sparsity) - target) ** 2).sum(), params)
     for name, a, b in zip(["x", "U", "V", "A", "B", "R", "C"], ours, ref):
         assert a.abs().sum() > 0, f"no gradient reaches {name}"
         assert torch.allclose(a, b, atol=1e-10), name
@@ -167,9 +183,9 @@ def test_state_dict_holds_the_schedule_position():
     _, method, _ = build()
     assert method.state_dict() == {"sparsity": 0.9}  # no scheduler: the target from step 0
     method.set_threshold(0.37)
-    _, other, _ = build()
+    _, other, model = build()
     other.load_state_dict(method.state_dict())
-    assert other.level.value == 0.37 and other.log_values(None) == {"sparsity": 0.37}
+    assert other.level.value == 0.37 and other.log_values(model)["sparsity"] == 0.37
 
 
 @pytest.mark.parametrize("override, message", [
@@ -203,6 +219,7 @@ def test_cubic_run_logs_sparsity_and_the_export_reloads_into_plain_transformers(
         assert c["sparsity"] == pytest.approx(p.value(c["step"] - 1))
     assert curve[0]["retained_params"] > curve[-1]["retained_params"] == m["retained_params"]
     assert curve[-1]["sparsity"] == 0.75
+    assert curve[0]["magnitude_overlap"] is None and 0 < curve[-1]["magnitude_overlap"] <= 1
 
     report = export(out, tmp_path / "export", verify=True)
     assert report["reproduced"] and report["max_abs_diff"] <= 1e-6, report
@@ -216,6 +233,20 @@ def test_cubic_run_logs_sparsity_and_the_export_reloads_into_plain_transformers(
         n = weights[k].numel()
         assert int((weights[k] == 0).sum()) == int(n * 0.75), k  # measured sparsity == the target
     assert json.loads((tmp_path / "export" / "sparsity.json").read_text())["target"] == 0.75
+
+
+def test_best_checkpoint_is_chosen_only_at_the_target_sparsity(tmp_path, tiny_glue):
+    """As the released run_glue.py: an evaluation from before the cubic schedule settled is no candidate."""
+    out = tmp_path / "run"
+    m = train(make_cfg(fast_overrides(out, tiny_glue, "method=pst", "scheduler=cubic", "method.sparsity=0.75",
+                                      "trainer.max_steps=10", "trainer.eval_every=2", "trainer.lr=1e-2")))
+    p = plan(load_run_config(make_cfg(["method=pst", "scheduler=cubic", "method.sparsity=0.75",
+                                       "trainer.max_steps=10"])), n_train=40)
+    assert [s for s in (2, 4, 6, 8, 10) if p.settled(s)] == [8, 10]  # the target holds from step 7 (0.7 T)
+    assert m["best_step"] in (8, 10)
+    curve = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
+    metric = next(iter(curve[0]["eval"]))  # the first metric listed selects
+    assert m["eval"] == max((c["eval"] for c in curve if c["step"] in (8, 10)), key=lambda e: e[metric])
 
 
 def test_no_dense_copy_outlives_the_step():

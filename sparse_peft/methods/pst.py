@@ -8,12 +8,15 @@ Each target linear map W (out x in, frozen with its bias) becomes a sparse linea
     y  = x (M * W')^T + b
 
 The mask has a straight-through gradient: dL/dS := dL/dM = dL/d(M W') * W' (the movement-pruning estimator; A B
-and R, C learn a low-rank approximation of the accumulated movement score). The magnitude term |W'| is data-free
-and passes no gradient. U, V get dL/dW' = dL/d(M W') * M. `scheduler=cubic` drives the sparsity every step.
+and R, C learn a low-rank approximation of the accumulated movement score). As in the released code (autograd
+through `weight.abs()` in the score), dL/dS also reaches W' through |W'|, so U, V get
+dL/dW' = dL/d(M W') * (M + |W'|): a pruned entry still pulls on U V, scaled by its magnitude. `scheduler=cubic`
+drives the sparsity every step.
 The export is the base architecture with M * W' in place of each W (`python -m sparse_peft.export`).
 
 `method=magnitude` is the paper's magnitude-pruning baseline: every parameter fine-tunes, the target maps are masked
-by the top-k of |W| under the same schedule. Facts and decisions: ../shared/METHODS.md (PST).
+by the top-k of |W| under the same schedule; its |W| passes no gradient (classical magnitude pruning: the released
+code has no baseline to follow). Facts and decisions: ../shared/METHODS.md (PST).
 """
 from __future__ import annotations
 
@@ -117,8 +120,10 @@ class SparseLinearFn(torch.autograd.Function):
         grad_x = grad_out @ masked(w, mask) if need[0] else None
         g = grad_out.flatten(0, -2).T @ x.flatten(0, -2)  # dL/d(M W'), (out, in)
         grad_bias = grad_out.flatten(0, -2).sum(0) if need[2] else None
-        gw = masked(g, mask)  # dL/dW'
+        gw = masked(g, mask)  # dL/dW' through the product M * W'
         grad_weight = gw if need[1] else None
+        if U is not None and (need[3] or need[4]):
+            gw = gw + g * w.abs()  # and through |W'| in the score (dL/dS * sign(W')), as the released code does
         grad_U = beta * gw @ V.T if need[3] else None
         grad_V = beta * U.T @ gw if need[4] else None
         grad_A = grad_B = grad_R = grad_C = None
@@ -264,3 +269,21 @@ class Pst(MagnitudePruning):
 
     def freeze(self, model):
         self.freeze_except(model, lambda n: ".pst_" in n)  # W and its bias stay frozen; the head trains
+
+    def log_values(self, model):
+        return {**super().log_values(model), "magnitude_overlap": self.magnitude_overlap(model)}
+
+    @torch.no_grad()
+    def magnitude_overlap(self, model) -> Optional[float]:
+        """Share of the pruned weights, over all masked maps, that |W'| alone would prune too: 1.0 means the learned
+        score (A B, R, C) decided nothing and PST is magnitude pruning of W + U V, an unrelated mask scores the
+        sparsity itself; None before anything is pruned."""
+        same = pruned = 0
+        for _, m in pst_modules(model):
+            mask = m.mask()
+            if mask is None:
+                continue
+            by_magnitude = topk_mask(merged_weight(m.weight, m.pst_U, m.pst_V, m.beta).abs(), self.level.value)
+            same += int((~mask & ~by_magnitude).sum())
+            pruned += int((~mask).sum())
+        return same / pruned if pruned else None
