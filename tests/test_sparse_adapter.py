@@ -12,6 +12,7 @@ from conftest import fast_overrides, make_cfg
 from sparse_peft import UserError, runio
 from sparse_peft.config import load_run_config
 from sparse_peft.loop import optimizer_step
+from sparse_peft.methods.adapter import AdapterConfig, AdapterLinear
 from sparse_peft.methods.sparse_adapter import PRUNERS, prune, prune_scores, top_masks
 from sparse_peft.train import train
 from test_methods import build
@@ -92,7 +93,8 @@ def grad_norm(toy, batches):
 
 def test_grasp_sign_removes_the_weights_whose_removal_keeps_the_gradient_flow():
     # GraSP's score of removing w_q is S = -w_q (Hg)_q, the first-order change of ||g||^2 / 2: it removes the
-    # largest S. The reference's missing minus removes the smallest, cutting the gradient flow instead.
+    # largest S, i.e. the smallest w Hg (the reference scores w Hg and removes the smallest: the same). The
+    # opposite sign would remove the smallest S, cutting the gradient flow instead.
     toy, batches = Toy(), toy_batches(1)
     weights = {"w1": toy.w1, "w2": toy.w2}
     s = prune_scores("grasp", toy, weights, batches)
@@ -222,10 +224,15 @@ def test_placements_and_sizes_count_by_hand():
         (("method.placement=parallel",), 2 * site(64)),
         (("method.placement=pfeiffer", "method.ffn_size=8"), 2 * site(8)),
         (("method.learnable_scale=true",), 4 * (site(64) + 1)),
+        (("method.layernorm=in",), 4 * (site(64) + 2 * 32)),  # + the adapter LayerNorm's weight and bias
     ]:
         base, meth = build("adapter", "tiny_bert", *extra)
         model = meth.inject(base)
         assert meth.retained_params(model) == expected + head, extra
+    norm_ids = {id(p) for n, p in model.named_parameters() if ".adapter_norm." in n}
+    assert len(norm_ids) == 8 and norm_ids <= {id(p) for p in meth.param_groups(model, 1e-3, 0.1)[1]["params"]}
+    base, meth = build("adapter", "tiny_bert", "method.learnable_scale=true")
+    model = meth.inject(base)
     groups = meth.param_groups(model, 1e-3, 0.1)
     scale_ids = {id(p) for n, p in model.named_parameters() if n.endswith("adapter_scale")}
     assert len(scale_ids) == 4 and scale_ids <= {id(p) for p in groups[1]["params"]}  # no weight decay
@@ -262,11 +269,30 @@ def test_every_placement_starts_as_the_identity_with_lora_init(placement, model)
     assert not torch.allclose(*hidden, atol=1e-3)
 
 
+@pytest.mark.parametrize("where", ["in", "out"])
+def test_adapter_layernorm_in_or_out_by_hand(where):
+    """in (the SparseAdapter scripts): h + up(relu(down(LN(h)))); out: h + LN(up(relu(down(h)))); the residual adds
+    the un-normalised h either way."""
+    torch.manual_seed(0)
+    cfg = AdapterConfig(adapter_size=3, layernorm=where)
+    site = AdapterLinear(nn.Linear(5, 4), 4, 3, cfg).eval()
+    with torch.no_grad():
+        site.adapter_norm.weight.normal_()
+        site.adapter_norm.bias.normal_()
+    x = torch.randn(2, 5)
+    h = site.base_layer(x)
+    ln = lambda v: torch.nn.functional.layer_norm(v, (4,), site.adapter_norm.weight, site.adapter_norm.bias)
+    down = lambda v: torch.relu(v @ site.adapter_down.weight.T + site.adapter_down.bias)
+    up = lambda v: v @ site.adapter_up.weight.T + site.adapter_up.bias
+    expected = h + (up(down(ln(h))) if where == "in" else ln(up(down(h))))
+    assert torch.allclose(site(x), expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("bad, match", [
     ("method.sparsity=1.0", "fraction of adapter weights removed"), ("method.sparsity=-0.1", "in \\[0, 1\\)"),
     ("method.pruner=l1", "pruner=l1"), ("method.adapter_size=0", "adapter_size"), ("method.attn_size=0", "attn_size"),
     ("method.mask_scope=layer", "mask_scope"), ("method.placement=serial", "placement"),
-    ("method.prune_iterations=0", "prune_iterations"),
+    ("method.prune_iterations=0", "prune_iterations"), ("method.layernorm=pre", "layernorm"),
 ])
 def test_bad_input_is_a_clear_error_at_start(bad, match):
     with pytest.raises(UserError, match=match):

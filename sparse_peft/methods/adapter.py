@@ -1,5 +1,7 @@
 """Bottleneck adapters (Houlsby et al., 2019) in the placements SparseAdapter (He et al., 2022) compares:
-down (d -> b), activation, dropout, up (b -> d), times a fixed or learnable scale, added to what it adapts.
+down (d -> b), activation, dropout, up (b -> d), times a fixed or learnable scale, added to what it adapts;
+optionally a trained LayerNorm on the adapter's input (`layernorm: in`, the SparseAdapter scripts' adapter) or on its
+output (`out`), inside the adapter branch (the residual adds the un-normalised input).
 
   houlsby   (default) after every `target_modules` map (attention output and FFN output projections), inside
             the residual branch: h = W x; y = h + s * up(act(down(h)))
@@ -26,6 +28,7 @@ from sparse_peft.models import match_modules
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "swish": nn.SiLU}
 PLACEMENTS = ("houlsby", "parallel", "pfeiffer")
+LAYERNORMS = ("none", "in", "out")
 
 
 @dataclass
@@ -39,6 +42,7 @@ class AdapterConfig(MethodConfig):
     scaling: float = 1.0
     learnable_scale: bool = False  # a trained scalar per site (initialised to `scaling`, no weight decay)
     adapter_dropout: float = 0.0
+    layernorm: str = "none"  # none | in: a trained LayerNorm on the adapter's input | out: on its output
     # houlsby sites; parallel and pfeiffer use the model's `ffn_in`/`ffn_out` roles
     target_modules: list = field(default_factory=lambda: ["attn_out", "ffn_out"])
 
@@ -55,6 +59,8 @@ class AdapterConfig(MethodConfig):
             raise UserError(f"config `method.non_linearity={self.non_linearity}` is not one of {sorted(ACTIVATIONS)}")
         if self.init not in ("bert", "lora"):
             raise UserError(f"config `method.init={self.init}` is not one of bert, lora")
+        if self.layernorm not in LAYERNORMS:
+            raise UserError(f"config `method.layernorm={self.layernorm}` is not one of {list(LAYERNORMS)}")
         if not 0 <= self.adapter_dropout < 1:
             raise UserError(f"config `method.adapter_dropout` must be in [0, 1), got {self.adapter_dropout}")
 
@@ -75,6 +81,8 @@ class AdapterLinear(nn.Module):
         self.adapter_up = nn.Linear(size, dim)  # (d, b)
         self.adapter_act = ACTIVATIONS[cfg.non_linearity]()
         self.adapter_dropout = nn.Dropout(cfg.adapter_dropout)
+        self.adapter_norm = nn.LayerNorm(dim) if cfg.layernorm != "none" else None
+        self.norm_input = cfg.layernorm == "in"
         # `scaling` stays a plain float (IST's `scale_layer` multiplies it); a learnable scale multiplies it
         self.scaling = 1.0 if cfg.learnable_scale else cfg.scaling
         self.adapter_scale = nn.Parameter(torch.tensor(float(cfg.scaling))) if cfg.learnable_scale else None
@@ -94,9 +102,13 @@ class AdapterLinear(nn.Module):
         self.to(base_layer.weight.device, base_layer.weight.dtype)
 
     def adapter(self, h: torch.Tensor) -> torch.Tensor:
+        if self.norm_input:
+            h = self.adapter_norm(h)
         z = F.linear(h, masked(self.adapter_down.weight, self.adapter_down_mask), self.adapter_down.bias)  # (.., b)
         z = self.adapter_dropout(self.adapter_act(z))
         z = F.linear(z, masked(self.adapter_up.weight, self.adapter_up_mask), self.adapter_up.bias)  # (.., d)
+        if self.adapter_norm is not None and not self.norm_input:
+            z = self.adapter_norm(z)
         return (self.scaling if self.adapter_scale is None else self.scaling * self.adapter_scale) * z
 
     def forward(self, *args, **kwargs):
@@ -156,7 +168,8 @@ class Adapter(Method):
 
     def param_groups(self, model, lr, weight_decay, skip=lambda name: False):
         """Adapter parameters by their own name (a pfeiffer adapter lives inside `LayerNorm`, which the name-based
-        convention would exempt): the weight matrices decay, biases and a learnable scale do not."""
+        convention would exempt): the weight matrices decay; biases, the adapter's LayerNorm and a learnable scale
+        do not."""
         def decays(n):
             return n.endswith((".adapter_down.weight", ".adapter_up.weight")) if ".adapter_" in n else not no_decay(n)
 

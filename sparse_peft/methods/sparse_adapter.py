@@ -6,7 +6,12 @@ and up; not biases, not the scale) gets a score, and the lowest-scoring fraction
   rand     a standard normal draw                       mag      |w|
   snip     |g * w|, g = dL/dw summed over the batches   synflow  |w * dR/dw|, R = sum of the logits of an all-ones
   grasp    w * (H g): keeps the largest, i.e. removes            input with every parameter replaced by |w| (data-free)
-           the largest GraSP score S = -w * (H g) (the reference code drops the minus sign)
+           the largest GraSP score S = -w * (H g), as the
+           reference does (it scores w * Hg, removes the smallest)
+
+The reference's SynFlow feeds all-ones to each adapter alone, through the adapter's input LayerNorm, whose output for
+a constant input is its bias (zero at init): every score is 0 and its `score <= threshold` rule removes every weight.
+Ours scores through the whole network instead (the SynFlow paper's data-free flow), one-shot as the reference.
 
 `mask_scope: global` ranks all adapter weights together, `local` each matrix alone; with `prune_iterations` n > 1
 the scores are recomputed n times on the pruned model, keeping density^(k/n) in round k. Scores are computed in
