@@ -8,7 +8,8 @@ set -eu
 cd "$(dirname "$0")/.."
 DEFAULT_SETS="baselines experiments/sora_glue experiments/sora_glue_gpu experiments/sora_ablation experiments/sora_scheduler
   experiments/commonsense_smollm2 experiments/ist_glue experiments/ist_glue_lr
-  experiments/sora_paper experiments/sora_paper_controls experiments/sparse_adapter_glue experiments/sparse_adapter_glue_v0"
+  experiments/sora_paper experiments/sora_paper_controls experiments/sparse_adapter_glue experiments/sparse_adapter_glue_v0
+  experiments/pst_glue experiments/pst_dynamics"
 for set in ${*:-$DEFAULT_SETS}; do
   [ -d "runs/$set" ] || [ -d "results/$set" ] || continue
   while IFS= read -r m; do
@@ -32,9 +33,16 @@ for set in ${*:-$DEFAULT_SETS}; do
       [ -e "results/$set/metrics.json" ] || continue
       python -m sparse_peft.report "results/$set" --stages "$tables" > /dev/null
       cp "$tables/stages.md" "$tables/report.md" ;;
-    sora_paper_controls|sparse_adapter_glue*)  # variants of one setting: the varied keys are columns
-      keys=method,method.train_head,method.sparse_lambda,trainer.lr  # sora_paper's one-variable controls
-      [ "$name" != sora_paper_controls ] && keys=method.adapter_size,method.sparsity,trainer.lr
+    sora_paper_controls|sparse_adapter_glue*|pst_*)  # variants of one setting: the varied keys are columns
+      case $name in
+        sora_paper_controls) keys=method,method.train_head,method.sparse_lambda,trainer.lr ;;  # one-variable controls
+        sparse_adapter_glue*) keys=method.adapter_size,method.sparsity,trainer.lr ;;
+        *) keys=method,trainer.lr ;;  # pst_glue's labels (pst, pst_50, magnitude, ...) carry the sparsity
+      esac
+      case $name in sparse_adapter_glue|pst_glue)  # each variant's rate, chosen on seed 0's validation half
+        python -m sparse_peft.report "results/$set" --choose trainer.lr --where trainer.seed=0 \
+          --group-by "${keys%,trainer.lr}" --out "$tables" > /dev/null ;;
+      esac
       python -m sparse_peft.report "results/$set" --split test --group-by $keys --out "$tables" > /dev/null
       python -m sparse_peft.report "results/$set" --split eval --group-by $keys --out "$tables/validation" > /dev/null ;;
     ist_glue_lr|sora_paper)  # a learning-rate grid: each method's rate chosen on validation (choice.md), every rate's test beside it
