@@ -22,6 +22,7 @@ for set in ${*:-$DEFAULT_SETS}; do
   [ -d "results/$set" ] || continue  # nothing completed yet
   if [ -e "runs/$set/command.txt" ]; then cp "runs/$set/command.txt" "results/$set/"; fi
   name=$(basename "$set"); tables=results/tables/$name
+  grid_seed=  # a set whose rate grid ran on one seed: choice.md, each group's rate chosen on that seed's validation
   case $name in
     sora_glue|sora_glue_gpu|ist_glue)  # split protocol sora: the held-out test half is the reported number, validation beside it
       python -m sparse_peft.report "results/$set" --split test --out "$tables" > /dev/null
@@ -39,21 +40,21 @@ for set in ${*:-$DEFAULT_SETS}; do
         sparse_adapter_glue*) keys=method.adapter_size,method.sparsity,trainer.lr ;;
         *) keys=method,trainer.lr ;;  # pst_glue's labels (pst, pst_50, magnitude, ...) carry the sparsity
       esac
-      case $name in sparse_adapter_glue|pst_glue)  # each variant's rate, chosen on seed 0's validation half
-        python -m sparse_peft.report "results/$set" --choose trainer.lr --where trainer.seed=0 \
-          --group-by "${keys%,trainer.lr}" --out "$tables" > /dev/null ;;
-      esac
+      case $name in sparse_adapter_glue|pst_glue) grid_seed=0 grid_keys=${keys%,trainer.lr} ;; esac
       python -m sparse_peft.report "results/$set" --split test --group-by $keys --out "$tables" > /dev/null
       python -m sparse_peft.report "results/$set" --split eval --group-by $keys --out "$tables/validation" > /dev/null ;;
     ist_glue_lr|sora_paper)  # a learning-rate grid: each method's rate chosen on validation (choice.md), every rate's test beside it
-      seed=42; [ "$name" = sora_paper ] && seed=0  # the seed the grid ran on
-      python -m sparse_peft.report "results/$set" --choose trainer.lr --where trainer.seed=$seed --out "$tables" > /dev/null
+      grid_seed=42 grid_keys=method; [ "$name" = sora_paper ] && grid_seed=0  # the seed the grid ran on
       python -m sparse_peft.report "results/$set" --split test --group-by method,trainer.lr --out "$tables" > /dev/null
       python -m sparse_peft.report "results/$set" --split eval --group-by method,trainer.lr --out "$tables/validation" > /dev/null ;;
     commonsense_smollm2)  # one column per commonsense test set (the runs' test split), peak memory in runs.csv
       python -m sparse_peft.report "results/$set" --split test --out "$tables" > /dev/null ;;
     *) python -m sparse_peft.report "results/$set" --out "$tables" > /dev/null ;;
   esac
+  if [ -n "$grid_seed" ]; then
+    python -m sparse_peft.report "results/$set" --choose trainer.lr --where trainer.seed="$grid_seed" \
+      --group-by "$grid_keys" --out "$tables" > /dev/null
+  fi
   NAME=$name python - <<'PY'
 import os, re
 from pathlib import Path
