@@ -179,6 +179,30 @@ def test_every_pruner_hits_the_density(pruner, scope):
     assert meth.retained_params(model) == trainable - sum(int((m == 0).sum()) for m in masks.values())
 
 
+def test_magnitude_overlap_tells_a_data_driven_mask_from_magnitude_and_chance():
+    overlap = {}
+    for pruner in ("mag", "rand", "snip"):
+        model, meth = pruned_tiny(f"method.pruner={pruner}", "method.sparsity=0.4")
+        overlap[pruner] = meth.log_values(model)["magnitude_overlap"]
+        assert meth.log_values(model)["magnitude_overlap_chance"] == 0.4
+    assert overlap["mag"] == 1.0
+    assert abs(overlap["rand"] - 0.4) < 0.03  # 6,554 pruned of 16,384: the standard error is about 0.006
+    # SNIP's pruned set by hand: the 40% smallest |g * w| against the 40% smallest |w| (bert init, global ranking)
+    base, meth = build("sparse_adapter", "tiny_bert", "method.pruner=snip", "method.sparsity=0.4")
+    model = meth.inject(base)
+    weights, _ = meth.weights_and_masks()
+    model.eval()
+    loss = sum(model(**b).loss for b in tiny_batches())
+    grads = torch.autograd.grad(loss, list(weights.values()))
+    snip = torch.cat([(g * w).detach().abs().flatten() for g, w in zip(grads, weights.values())])
+    mag = torch.cat([w.detach().abs().flatten() for w in weights.values()])
+    n_pruned = snip.numel() - round(0.6 * snip.numel())
+    by_snip = set(snip.topk(n_pruned, largest=False).indices.tolist())
+    by_mag = set(mag.topk(n_pruned, largest=False).indices.tolist())
+    assert overlap["snip"] == pytest.approx(len(by_snip & by_mag) / n_pruned, abs=2e-3)  # ties at the threshold
+    assert 0.4 + 0.03 < overlap["snip"] < 1.0
+
+
 def test_pruned_weights_stay_exactly_zero_with_weight_decay():
     model, meth = pruned_tiny("method.pruner=mag", "method.sparsity=0.6")
     weights, masks = meth.weights_and_masks()
@@ -210,6 +234,7 @@ def test_mask_state_round_trips_through_torch_load(tmp_path):
     assert all(torch.equal(masks[n], masks2[n]) for n in masks)
     assert all((weights2[n][masks2[n] == 0] == 0).all() for n in masks2)
     assert fresh.retained_params(fresh_model) == meth.retained_params(model)
+    assert fresh.log_values(fresh_model) == meth.log_values(model)  # the mask's magnitude overlap too
 
 
 def test_placements_and_sizes_count_by_hand():
@@ -311,6 +336,7 @@ def test_trains_and_reports_exact_retained_params(tmp_path, tiny_glue):
     assert m["steps"] == 2 and m["retained_params"] == m["trainable_params"] - removed
     curve = [json.loads(x) for x in (out / "curve.jsonl").read_text().splitlines()]
     assert all(c["retained_params"] == m["retained_params"] for c in curve)
+    assert all(0.4 <= c["magnitude_overlap"] <= 1.0 for c in curve if c["type"] == "eval")
     saved = load_file(str(out / "model.safetensors"))
     zeros = sum(int((v == 0).sum()) for k, v in saved.items() if k.endswith(("adapter_down.weight", "adapter_up.weight")))
     assert zeros == removed

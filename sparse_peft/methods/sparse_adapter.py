@@ -17,6 +17,9 @@ Ours scores through the whole network instead (the SynFlow paper's data-free flo
 the scores are recomputed n times on the pruned model, keeping density^(k/n) in round k. Scores are computed in
 eval mode (no dropout), so the masks depend only on the init, the batches and the seed.
 
+`magnitude_overlap` (logged at every evaluation) is the share of the pruned weights that |w| alone would prune, against
+`sparsity` for a mask unrelated to |w|: with the `bert` init's random draw, a score near |w| prunes by that draw.
+
 `sparsity` is the fraction removed (0.4: 40% of the adapter weights are zero); the reference's `--sparsity` is the
 kept fraction. Masks are buffers (W * mask in the forward: no gradient reaches a pruned weight) re-applied after
 every optimizer step (so nothing, weight decay included, moves a pruned weight off zero), and method state: saved
@@ -161,8 +164,11 @@ def top_masks(scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], d
 
 
 def prune(model: nn.Module, weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], batches: list[dict],
-          pruner: str, sparsity: float, scope: str = "global", iterations: int = 1) -> None:
-    """Set `masks` (name -> 0/1 tensor, in place) and zero the pruned entries of `weights`; scores in eval mode."""
+          pruner: str, sparsity: float, scope: str = "global", iterations: int = 1) -> float:
+    """Set `masks` (name -> 0/1 tensor, in place) and zero the pruned entries of `weights`; scores in eval mode.
+    Returns the magnitude overlap: the share of the pruned weights that |w| at the same density and scope would
+    prune too (1.0: the pruner decided nothing |w| did not; a mask independent of |w| gives `sparsity`)."""
+    by_magnitude = top_masks({n: w.detach().abs() for n, w in weights.items()}, masks, 1 - sparsity, scope)
     was_training = model.training
     model.eval()
     try:
@@ -174,6 +180,9 @@ def prune(model: nn.Module, weights: dict[str, torch.Tensor], masks: dict[str, t
                     w.mul_(masks[n])
     finally:
         model.train(was_training)
+    pruned = sum(int((m == 0).sum()) for m in masks.values())
+    same = sum(int(((masks[n] == 0) & (by_magnitude[n] == 0)).sum()) for n in masks)
+    return same / pruned if pruned else 1.0
 
 
 # --- the method ---------------------------------------------------------------------------------------------------
@@ -192,6 +201,7 @@ class SparseAdapter(Adapter):
             site.adapter_down_mask = torch.ones_like(site.adapter_down.weight, requires_grad=False)
             site.adapter_up_mask = torch.ones_like(site.adapter_up.weight, requires_grad=False)
         self.pruned = False  # masks set by `on_train_start` or restored by `load_state_dict`
+        self.magnitude_overlap = None
         return model
 
     def weights_and_masks(self) -> tuple[dict[str, nn.Parameter], dict[str, torch.Tensor]]:
@@ -208,8 +218,16 @@ class SparseAdapter(Adapter):
         if self.cfg.sparsity > 0:
             weights, masks = self.weights_and_masks()
             c = self.cfg
-            prune(model, weights, masks, batches, c.pruner, c.sparsity, c.mask_scope, c.prune_iterations)
+            self.magnitude_overlap = prune(model, weights, masks, batches, c.pruner, c.sparsity, c.mask_scope,
+                                           c.prune_iterations)
         self.pruned = True
+
+    def log_values(self, model):
+        """Is the mask data-driven? `magnitude_overlap` against `sparsity`, its value for a mask unrelated to |w|."""
+        if self.magnitude_overlap is None:
+            return super().log_values(model)
+        return {**super().log_values(model), "magnitude_overlap": self.magnitude_overlap,
+                "magnitude_overlap_chance": self.cfg.sparsity}
 
     def after_optimizer_step(self, model, optimizer, step, loss=None):
         # The masked forward already gives pruned weights zero gradient; this also undoes anything else that would
@@ -222,7 +240,8 @@ class SparseAdapter(Adapter):
 
     def state_dict(self):
         _, masks = self.weights_and_masks()
-        return {"masks": {n: m.detach().to("cpu", torch.bool) for n, m in masks.items()}}
+        return {"masks": {n: m.detach().to("cpu", torch.bool) for n, m in masks.items()},
+                "magnitude_overlap": self.magnitude_overlap}
 
     def load_state_dict(self, state):
         saved = state.get("masks") or {}
@@ -235,6 +254,7 @@ class SparseAdapter(Adapter):
                 m.copy_(saved[n].to(m.device, m.dtype))
                 weights[n].mul_(m)
         self.pruned = True
+        self.magnitude_overlap = state.get("magnitude_overlap")
 
     def current_masks(self) -> dict[str, torch.Tensor]:
         """The mask buffers once pruned or restored; before that (weights loaded from a finished run's
