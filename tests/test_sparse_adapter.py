@@ -389,3 +389,22 @@ def test_resume_restores_the_masks_and_reproduces_an_uninterrupted_run(tmp_path,
     assert resumed["eval"] == ref["eval"] and resumed["retained_params"] == ref["retained_params"]
     a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mask_overlap_script_counts_shared_pruned_weights(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("mask_overlap", Path(__file__).parents[1] / "scripts" / "mask_overlap.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    kept = {"a": [[1, 1, 0, 0], [1, 1, 1, 1]], "b": [[1, 0, 1, 0], [0, 1, 1, 1]]}  # a prunes 2, b prunes 3; 1 shared
+    for name, rows in kept.items():
+        (tmp_path / name).mkdir()
+        masks = {f"m{i}": torch.tensor(r, dtype=torch.bool) for i, r in enumerate(rows)}
+        torch.save({"masks": masks, "magnitude_overlap": 0.5}, tmp_path / name / "method_state.pt")
+        (tmp_path / name / "curve.jsonl").write_text(json.dumps({"type": "eval", "magnitude_overlap": 0.5}) + "\n")
+    script.main([f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| a | 1.000 | 0.500 | 0.500 | 0.50-1.00 |"
+    assert lines[3] == "| b | 0.333 | 1.000 | 0.500 | 0.50-0.75 |"

@@ -1,0 +1,36 @@
+"""Pairwise overlap of SparseAdapter masks: for runs a and b (run dirs with method_state.pt), the share of a's pruned
+adapter weights that b prunes too (two unrelated masks at sparsity s: s), plus each run's logged magnitude_overlap
+and the min-max density of its weight matrices. Markdown on stdout.
+
+    python scripts/mask_overlap.py rand=<run dir> mag=<run dir> snip=<run dir> ...
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main(args: list[str]) -> None:
+    names, pruned, rows = [], {}, {}
+    for arg in args:
+        name, _, path = arg.rpartition("=")
+        name, run = name or Path(path).name, Path(path)
+        masks = torch.load(run / "method_state.pt", weights_only=True)["masks"]
+        curve = [json.loads(x) for x in (run / "curve.jsonl").read_text().splitlines() if x.strip()]
+        overlap = next((r["magnitude_overlap"] for r in curve if r.get("magnitude_overlap") is not None), None)
+        density = [float(m.float().mean()) for m in masks.values()]
+        names.append(name)
+        pruned[name] = torch.cat([~m.flatten() for m in masks.values()])
+        rows[name] = (overlap, min(density), max(density))
+    print("| | " + " | ".join(names) + " | magnitude_overlap | matrix density, min-max |")
+    print("|---" * (len(names) + 3) + "|")
+    for a in names:
+        shares = [int((pruned[a] & pruned[b]).sum()) / max(int(pruned[a].sum()), 1) for b in names]
+        overlap, lo, hi = rows[a]
+        print(f"| {a} | " + " | ".join(f"{x:.3f}" for x in shares)
+              + f" | {'-' if overlap is None else f'{overlap:.3f}'} | {lo:.2f}-{hi:.2f} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
