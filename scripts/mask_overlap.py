@@ -1,10 +1,9 @@
 """Pairwise overlap of SparseAdapter masks: for runs a and b (run dirs with method_state.pt), the share of a's pruned
-adapter weights that b prunes too (two unrelated masks at sparsity s: s), plus each run's logged magnitude_overlap
-and the min-max density of its weight matrices. Markdown on stdout.
+adapter weights that b prunes too (two unrelated masks at sparsity s: s), plus each run's magnitude_overlap (saved
+with the masks since 561f951; '-' before) and the min-max density of its weight matrices. Markdown on stdout.
 
     python scripts/mask_overlap.py rand=<run dir> mag=<run dir> snip=<run dir> ...
 """
-import json
 import sys
 from pathlib import Path
 
@@ -16,9 +15,8 @@ def main(args: list[str]) -> None:
     for arg in args:
         name, _, path = arg.rpartition("=")
         name, run = name or Path(path).name, Path(path)
-        masks = torch.load(run / "method_state.pt", weights_only=True)["masks"]
-        curve = [json.loads(x) for x in (run / "curve.jsonl").read_text().splitlines() if x.strip()]
-        overlap = next((r["magnitude_overlap"] for r in curve if r.get("magnitude_overlap") is not None), None)
+        state = torch.load(run / "method_state.pt", weights_only=True)
+        masks, overlap = state["masks"], state.get("magnitude_overlap")
         density = [float(m.float().mean()) for m in masks.values()]
         names.append(name)
         pruned[name] = torch.cat([~m.flatten() for m in masks.values()])

@@ -403,7 +403,6 @@ def test_mask_overlap_script_counts_shared_pruned_weights(tmp_path, capsys):
         (tmp_path / name).mkdir()
         masks = {f"m{i}": torch.tensor(r, dtype=torch.bool) for i, r in enumerate(rows)}
         torch.save({"masks": masks, "magnitude_overlap": 0.5}, tmp_path / name / "method_state.pt")
-        (tmp_path / name / "curve.jsonl").write_text(json.dumps({"type": "eval", "magnitude_overlap": 0.5}) + "\n")
     script.main([f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[2] == "| a | 1.000 | 0.500 | 0.500 | 0.50-1.00 |"
