@@ -2,7 +2,7 @@
 adapter weights that b prunes too (two unrelated masks at sparsity s: s), plus each run's magnitude_overlap (saved
 with the masks since 561f951; '-' before) and the min-max density of its weight matrices. Markdown on stdout.
 
-    python scripts/mask_overlap.py rand=<run dir> mag=<run dir> snip=<run dir> ...
+    python scripts/mask_overlap.py rand=<run dir> mag=<run dir> snip=<run dir> ...   (unlabelled: the dir's name)
 """
 import sys
 from pathlib import Path
@@ -13,8 +13,11 @@ import torch
 def main(args: list[str]) -> None:
     names, pruned, rows = [], {}, {}
     for arg in args:
-        name, _, path = arg.rpartition("=")
-        name, run = name or Path(path).name, Path(path)
+        # `label=<dir>` or a bare dir; Hydra's run dirs hold '=' themselves, so a label is a plain word before the first
+        name, sep, path = arg.partition("=")
+        if not (sep and name.isidentifier()) or Path(arg).exists():
+            name, path = Path(arg).name, arg
+        run = Path(path)
         state = torch.load(run / "method_state.pt", weights_only=True)
         masks, overlap = state["masks"], state.get("magnitude_overlap")
         density = [float(m.float().mean()) for m in masks.values()]

@@ -398,12 +398,14 @@ def test_mask_overlap_script_counts_shared_pruned_weights(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("mask_overlap", Path(__file__).parents[1] / "scripts" / "mask_overlap.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    kept = {"a": [[1, 1, 0, 0], [1, 1, 1, 1]], "b": [[1, 0, 1, 0], [0, 1, 1, 1]]}  # a prunes 2, b prunes 3; 1 shared
+    # Hydra-style dir names hold '=': a labelled one keeps its label, an unlabelled one is named by its dir
+    a, b = "method.pruner=snip,trainer.seed=0", "method.pruner=rand,trainer.seed=0"
+    kept = {a: [[1, 1, 0, 0], [1, 1, 1, 1]], b: [[1, 0, 1, 0], [0, 1, 1, 1]]}  # a prunes 2, b prunes 3; 1 shared
     for name, rows in kept.items():
         (tmp_path / name).mkdir()
         masks = {f"m{i}": torch.tensor(r, dtype=torch.bool) for i, r in enumerate(rows)}
         torch.save({"masks": masks, "magnitude_overlap": 0.5}, tmp_path / name / "method_state.pt")
-    script.main([f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"])
+    script.main([f"snip={tmp_path / a}", str(tmp_path / b)])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2] == "| a | 1.000 | 0.500 | 0.500 | 0.50-1.00 |"
-    assert lines[3] == "| b | 0.333 | 1.000 | 0.500 | 0.50-0.75 |"
+    assert lines[2] == "| snip | 1.000 | 0.500 | 0.500 | 0.50-1.00 |"
+    assert lines[3] == f"| {b} | 0.333 | 1.000 | 0.500 | 0.50-0.75 |"
