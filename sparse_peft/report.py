@@ -16,7 +16,8 @@ Finds every run's `metrics.json` below <dir> (single runs and Hydra sweeps alike
 Group-by keys are `method`, `task`, `model`, or any dotted config key (`method.sparse_lambda`, `trainer.lr`).
 `--stages DIR` instead treats <dir> as one scheduler run: its per-stage table and plot (stages.md, stages.png).
 `--choose KEY` (e.g. `trainer.lr`) selects KEY per method and task on the validation metric (mean over seeds) and
-writes `choice.md`: every value's mean, the chosen one marked. `--where KEY=VALUE` keeps only the matching runs
+writes `choice.md`: every value's mean, the chosen one marked; a value whose model answers one class is marked
+and passed over. `--where KEY=VALUE` keeps only the matching runs
 (e.g. choose the rate on the seed the grid ran with, then report every seed at the chosen rates). With `--out`, SoRA runs also get
 `gate_diagnostics.png`: the share of surviving ranks that were among the largest initial gates, against chance,
 and the gates that grew between evaluations (is the sparsity data-driven?).
@@ -286,19 +287,36 @@ def stages_report(run_dir: Path, out_dir: Path, plot_name: str = "stages.png") -
     return text
 
 
+ONE_CLASS_SHARE = 0.99  # no GLUE validation set is this skewed: a model naming one class this often ignores its input
+
+
+def one_class(scores: dict) -> bool:
+    """Did the run answer (nearly) one class for every validation input? From `majority_share` where recorded;
+    runs written before it from binary F1 and accuracy: all-positive has precision = accuracy and recall 1, so
+    F1 = 2a / (1 + a), and all-negative has F1 0 (as has a model that finds no positive, no better a choice)."""
+    if "majority_share" in scores:
+        return scores["majority_share"] >= ONE_CLASS_SHARE
+    f1, acc = scores.get("f1"), scores.get("accuracy")
+    return f1 is not None and acc is not None and (f1 == 0 or abs(f1 - 2 * acc / (1 + acc)) < 1e-9)
+
+
 def choose(runs: list[dict], key: str, metric: str | None = None, group_by=("method", "task")) -> tuple[str, dict]:
     """Per group (default: method and task): the value of `key` with the best mean validation metric over seeds,
-    and a table of every value's mean ± std (n), the chosen one in bold."""
+    and a table of every value's mean ± std (n), the chosen one in bold. A value where any seed's model answers one
+    class (`one_class`) is marked and chosen only if every value is: on MRPC the all-positive F1 (81) beats a model
+    that learned something but overfits, and a constant is not a usable rate."""
     group_by = list(group_by) + (["task"] if "task" not in group_by else [])
-    cells = defaultdict(list)
+    cells, flat = defaultdict(list), defaultdict(int)
     for r in runs:
         value = metric_of(r, metric, "eval")
         if value is not None:
-            cells[(tuple(key_value(r, k) for k in group_by), key_value(r, key))].append(value)
+            cell = (tuple(key_value(r, k) for k in group_by), key_value(r, key))
+            cells[cell].append(value)
+            flat[cell] += one_class(r.get("eval") or {})
     chosen = {}
-    for (g, v), vals in cells.items():
-        best = chosen.get(g)
-        if best is None or statistics.fmean(vals) > statistics.fmean(cells[(g, best)]):
+    rank = lambda c: (not flat[c], statistics.fmean(cells[c]))  # noqa: E731  usable first, then the metric
+    for (g, v) in cells:
+        if g not in chosen or rank((g, v)) > rank((g, chosen[g])):
             chosen[g] = v
     values = sorted({v for _, v in cells}, key=lambda v: (str(type(v)), v))
     lines = [f"Selection of `{key}` on the validation metric (mean ± std over seeds, x100); chosen in bold.", "",
@@ -309,8 +327,12 @@ def choose(runs: list[dict], key: str, metric: str | None = None, group_by=("met
         for v in values:
             vals = cells.get((g, v))
             text = fmt(vals) if vals else "–"
+            text += f" (one class: {flat[(g, v)]}/{len(vals)})" if vals and flat[(g, v)] else ""
             out.append(f"**{text}**" if vals and v == chosen[g] else text)
         lines.append(f"| {' | '.join(map(str, g))} | " + " | ".join(out) + f" | {chosen[g]} |")
+    if any(flat.values()):
+        lines += ["", f"(one class: k/n): in k of the n runs the model answered one class for at least "
+                  f"{ONE_CLASS_SHARE:.0%} of the validation inputs; such a value is chosen only if every value is."]
     return "\n".join(lines) + "\n", chosen
 
 

@@ -8,8 +8,10 @@ def test_accuracy_and_f1_by_hand():
     preds, labels = np.array([1, 1, 0, 0, 1]), np.array([1, 0, 0, 1, 1])
     m = glue_metrics("mrpc", preds, labels)
     # tp=2 fp=1 fn=1 -> precision 2/3, recall 2/3, f1 2/3; 3 of 5 right
-    assert m == pytest.approx({"f1": 2 / 3, "accuracy": 0.6})
-    assert glue_metrics("rte", preds, labels) == pytest.approx({"accuracy": 0.6})
+    # majority_share: class 1 is 3 of the 5 predictions
+    assert m == pytest.approx({"f1": 2 / 3, "accuracy": 0.6, "majority_share": 0.6})
+    assert glue_metrics("rte", preds, labels) == pytest.approx({"accuracy": 0.6, "majority_share": 0.6})
+    assert glue_metrics("rte", np.ones(5, dtype=int), labels)["majority_share"] == 1.0
 
 
 def test_mcc_by_hand():

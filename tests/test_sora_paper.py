@@ -113,6 +113,28 @@ def test_learning_rate_choice_uses_the_validation_mean(tmp_path, capsys):
     assert (tmp_path / "rep" / "choice.md").read_text() == text == capsys.readouterr().out
 
 
+def test_a_rate_whose_model_answers_one_class_is_passed_over(tmp_path):
+    """MRPC's all-positive F1 (0.81) beats an overfit model's 0.80: the choice still takes the model that reads its
+    input. Flagged from `majority_share` (new runs) or, for runs without it, from binary F1 = 2a / (1 + a)."""
+    from sparse_peft.report import collect
+
+    for i, (lr, scores) in enumerate([(1e-4, {"f1": 0.80, "accuracy": 0.72}),
+                                      (3e-4, {"f1": 0.8139534883720930, "accuracy": 0.6862745098039216}),  # legacy
+                                      (1e-3, {"f1": 0.85, "accuracy": 0.70, "majority_share": 0.995})]):
+        write_run(tmp_path / str(i), "pst", "mrpc", 0, lr, 0.0)
+        m = json.loads((tmp_path / str(i) / "metrics.json").read_text())
+        m.update(eval=scores, selection_metric="f1")
+        (tmp_path / str(i) / "metrics.json").write_text(json.dumps(m))
+    text, chosen = choose(collect(tmp_path)[0], "trainer.lr")
+    assert chosen == {("pst", "mrpc"): 1e-4}
+    assert "| pst | mrpc | **80.00** | 81.40 (one class: 1/1) | 85.00 (one class: 1/1) | 0.0001 |" in text
+    for i in (0, 2):  # only constants left: the best of them, still marked
+        for f in (tmp_path / str(i)).iterdir():
+            f.unlink()
+        (tmp_path / str(i)).rmdir()
+    assert choose(collect(tmp_path)[0], "trainer.lr")[1] == {("pst", "mrpc"): 3e-4}
+
+
 def test_gate_diagnostic_on_hand_values():
     run = load_run_config(make_cfg(["method=sora", "model=tiny_bert", "method.lora_r=4"]))
     method = build_method(run.method, run.model)

@@ -234,7 +234,9 @@ METRICS_BY_TASK = {
 
 
 def glue_metrics(task_name: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """`predictions`: class ids, or scores for STS-B. Names follow the hub's glue metric; the first selects."""
+    """`predictions`: class ids, or scores for STS-B. Names follow the hub's glue metric; the first selects.
+    Classification also gets `majority_share`, the share of the most predicted class: a model that names one class
+    for every input scores MRPC's F1 at 81 without reading it, and `report --choose` must not pick such a rate."""
     out = {}
     for name in METRICS_BY_TASK.get(task_name, ("accuracy",)):
         if name == "accuracy":
@@ -247,6 +249,8 @@ def glue_metrics(task_name: str, predictions: np.ndarray, labels: np.ndarray) ->
             out[name] = float(pearsonr(predictions, labels)[0]) if np.std(predictions) > 0 else 0.0
         elif name == "spearmanr":
             out[name] = float(spearmanr(predictions, labels)[0]) if np.std(predictions) > 0 else 0.0
+    if not get_spec(task_name).is_regression:
+        out["majority_share"] = float(np.unique(predictions, return_counts=True)[1].max() / len(predictions))
     return out
 
 
