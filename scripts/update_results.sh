@@ -8,7 +8,7 @@ set -eu
 cd "$(dirname "$0")/.."
 DEFAULT_SETS="baselines experiments/sora_glue experiments/sora_glue_gpu experiments/sora_ablation experiments/sora_scheduler
   experiments/commonsense_smollm2 experiments/ist_glue experiments/ist_glue_lr
-  experiments/sora_paper experiments/sora_paper_controls experiments/sparse_adapter_glue experiments/sparse_adapter_glue_v0
+  experiments/sora_paper experiments/sora_paper_controls experiments/sparse_adapter_glue experiments/sparse_adapter_glue_v0 experiments/sparse_adapter_pruners
   experiments/pst_glue experiments/pst_dynamics"
 for set in ${*:-$DEFAULT_SETS}; do
   [ -d "runs/$set" ] || [ -d "results/$set" ] || continue
@@ -43,6 +43,13 @@ for set in ${*:-$DEFAULT_SETS}; do
       case $name in sparse_adapter_glue|pst_glue) grid_seed=0 grid_keys=${keys%,trainer.lr} ;; esac
       python -m sparse_peft.report "results/$set" --split test --group-by $keys --out "$tables" > /dev/null
       python -m sparse_peft.report "results/$set" --split eval --group-by $keys --out "$tables/validation" > /dev/null ;;
+    sparse_adapter_pruners)  # SNIP's row is sparse_adapter_glue's SNIP 40% at 1e-3: the same configuration, run once
+      for split in test eval; do
+        out=$tables; [ $split = eval ] && out=$tables/validation
+        python -m sparse_peft.report "results/$set" results/experiments/sparse_adapter_glue --split $split \
+          --where task=mrpc --where method.adapter_size=64 --where method.sparsity=0.4 --where trainer.lr=0.001 \
+          --group-by method.pruner,task --out "$out" > /dev/null
+      done ;;
     ist_glue_lr|sora_paper)  # a learning-rate grid: each method's rate chosen on validation (choice.md), every rate's test beside it
       grid_seed=42 grid_keys=method; [ "$name" = sora_paper ] && grid_seed=0  # the seed the grid ran on
       python -m sparse_peft.report "results/$set" --split test --group-by method,trainer.lr --out "$tables" > /dev/null

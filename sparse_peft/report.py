@@ -1,7 +1,7 @@
-"""`python -m sparse_peft.report <dir> [--split eval|test] [--metric NAME] [--group-by method,task,...] [--out DIR]`
+"""`python -m sparse_peft.report <dir> [<dir> ...] [--split eval|test] [--metric NAME] [--group-by method,task,...] [--out DIR]`
 
-Finds every run's `metrics.json` below <dir> (single runs and Hydra sweeps alike) and writes, to stdout and with
-`--out DIR` to files:
+Finds every run's `metrics.json` below each <dir> (single runs and Hydra sweeps alike; several dirs make one table,
+e.g. a comparison whose shared cell ran in another sweep) and writes, to stdout and with `--out DIR` to files:
 - `report.md`: the metric as mean ± std over seeds (n) per group (rows: the group-by keys other than `task`;
   columns: tasks) with the GLUE average, then the retained parameters per group and task with their share of
   the base model, then the incomplete or failed runs (listed, never averaged in); a commonsense/all run's
@@ -366,7 +366,7 @@ def plot_gate_diagnostics(runs: list[dict], path: Path) -> bool:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m sparse_peft.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("root", type=Path)
+    p.add_argument("roots", type=Path, nargs="+", metavar="root")
     p.add_argument("--split", choices=("eval", "test"), default="eval",
                    help="eval: validation metrics; test: the held-out test split (split protocol sora)")
     p.add_argument("--metric", default=None, help="a metric name (default: each task's selection metric)")
@@ -381,12 +381,17 @@ def main(argv=None) -> None:
                    help="root is one scheduler run: write its per-stage table and plot (stages.md, stages.png) to DIR")
     a = p.parse_args(argv)
     if a.stages:
-        print(stages_report(a.root, a.stages), end="")
+        if len(a.roots) != 1:
+            raise SystemExit("error: --stages takes one scheduler run's dir")
+        print(stages_report(a.roots[0], a.stages), end="")
         return
     group_by = [k.strip() for k in a.group_by.split(",") if k.strip()]
     if "task" not in group_by:
         group_by.append("task")
-    runs, incomplete = collect(a.root)
+    runs, incomplete = [], []
+    for root in a.roots:
+        done, missing = collect(root)
+        runs, incomplete = runs + done, incomplete + missing
     for cond in a.where:
         key, sep, value = cond.partition("=")
         if not sep:
@@ -394,7 +399,8 @@ def main(argv=None) -> None:
         runs = [r for r in runs if str(key_value(r, key)) == value]
     if not runs:
         where = f" matching {' and '.join(a.where)}" if a.where else ""
-        raise SystemExit(f"error: no completed run (metrics.json with status completed){where} below {a.root}")
+        raise SystemExit(f"error: no completed run (metrics.json with status completed){where} below "
+                         + ", ".join(map(str, a.roots)))
     if a.choose:
         text, _ = choose(runs, a.choose, a.metric, group_by)
         if a.out:
@@ -420,7 +426,8 @@ def main(argv=None) -> None:
             plot_validation_curves(curves, group_by, a.metric, a.out / "validation_curves.png")
         for r in runs:
             if stage_records(Path(r["dir"])):
-                name = str(Path(r["dir"]).relative_to(a.root)).replace("/", "_").strip(".") or "run"
+                root = next(q for q in a.roots if Path(r["dir"]).is_relative_to(q))
+                name = str(Path(r["dir"]).relative_to(root)).replace("/", "_").strip(".") or "run"
                 stages_report(Path(r["dir"]), a.out, plot_name=f"stages_{name}.png")
     print(text, end="")
 

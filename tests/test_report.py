@@ -95,3 +95,15 @@ def test_where_keeps_the_matching_runs(tmp_path, capsys):
     assert "| lora | 60.00 | 60.00 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="matching trainer.seed=7"):
         main([str(tmp_path), "--where", "trainer.seed=7"])
+
+
+def test_several_roots_make_one_table(tmp_path, capsys):
+    """A comparison whose shared cell ran in another sweep: both dirs' runs are averaged in one row, and a dir's
+    incomplete run is listed."""
+    write_run(tmp_path / "sweep1" / "a", "lora", "rte", 0, 0.60)
+    write_run(tmp_path / "sweep2" / "b", "lora", "rte", 1, 0.70)
+    write_run(tmp_path / "sweep2" / "c", "lora", "rte", 2, 0.0, status=None)
+    main([str(tmp_path / "sweep1"), str(tmp_path / "sweep2")])
+    out = capsys.readouterr().out
+    assert "| lora | 65.00 ± 7.07 (n=2) | 65.00 |" in out
+    assert f"Incomplete or failed runs (not averaged): {tmp_path / 'sweep2' / 'c'}" in out
