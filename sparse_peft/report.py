@@ -36,14 +36,16 @@ from omegaconf import OmegaConf
 TOP_LEVEL = ("method", "task", "model", "seed")
 
 
-def collect(root: Path) -> tuple[list[dict], list[Path]]:
+def collect(*roots: Path) -> tuple[list[dict], list[Path]]:
     """Completed runs (metrics.json + the run's config under `config`) and the run dirs without a completed
-    metrics.json. A run dir is a dir holding our `config.yaml`."""
-    done, incomplete = [], []
-    for cfg in sorted(root.rglob("config.yaml")):
+    metrics.json, below any of the roots. A run dir is a dir holding our `config.yaml`; one below two of the roots
+    (nested roots) counts once."""
+    done, incomplete, seen = [], [], set()
+    for cfg in (c for root in roots for c in sorted(root.rglob("config.yaml"))):
         run_dir = cfg.parent
-        if run_dir.name == ".hydra":
+        if run_dir.name == ".hydra" or run_dir.resolve() in seen:
             continue
+        seen.add(run_dir.resolve())
         try:
             m = json.loads((run_dir / "metrics.json").read_text())
         except (OSError, ValueError):
@@ -388,10 +390,7 @@ def main(argv=None) -> None:
     group_by = [k.strip() for k in a.group_by.split(",") if k.strip()]
     if "task" not in group_by:
         group_by.append("task")
-    runs, incomplete = [], []
-    for root in a.roots:
-        done, missing = collect(root)
-        runs, incomplete = runs + done, incomplete + missing
+    runs, incomplete = collect(*a.roots)
     for cond in a.where:
         key, sep, value = cond.partition("=")
         if not sep:

@@ -107,3 +107,5 @@ def test_several_roots_make_one_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| lora | 65.00 ± 7.07 (n=2) | 65.00 |" in out
     assert f"Incomplete or failed runs (not averaged): {tmp_path / 'sweep2' / 'c'}" in out
+    main([str(tmp_path), str(tmp_path / "sweep2")])  # nested roots: a run below both counts once
+    assert "| lora | 65.00 ± 7.07 (n=2) | 65.00 |" in capsys.readouterr().out
