@@ -15,7 +15,8 @@ from sparse_peft.report import choose, main as report_main
 from sparse_peft.schedulers import plan
 from sparse_peft.tasks import build_task
 
-# (task, method) -> (lr, epochs, batch, max_len, weight decay): the reference values the preset must carry
+# (task, method) -> (lr, epochs, batch, max_len, weight decay): the reference values the preset must carry, or the
+# rate chosen on the validation half where one has been
 EXPECTED = {
     ("rte", "sora"): (1.2e-3, 50, 32, 320, 0.1),
     ("stsb", "sora"): (8e-4, 20, 8, 128, 0.1),
@@ -23,7 +24,8 @@ EXPECTED = {
     ("cola", "lora"): (8e-5, 20, 8, 128, 0.1),
     ("sst2", "lora_r4"): (1e-4, 10, 8, 128, 0.1),
     ("rte", "lora"): (1.2e-3, 50, 32, 320, 0.1),
-    ("stsb", "adalora"): (2.2e-3, 25, 32, 128, 0.1),
+    ("stsb", "adalora"): (1e-3, 25, 32, 128, 0.1),   # chosen (its scripts' 2.2e-3 was 0.44 below)
+    ("stsb", "sora_gates_only"): (3e-4, 20, 8, 128, 0.1),   # chosen
     ("cola", "adalora"): (8e-4, 25, 32, 64, 0.0),
     ("mrpc", "sora_gates_only"): (8e-4, 20, 8, 128, 0.1),
     ("mrpc", "lora_r4"): (8e-5, 20, 8, 128, 0.1),   # chosen on the validation half (LoRA r8, seed 0)
