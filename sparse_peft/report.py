@@ -43,9 +43,10 @@ def collect(*roots: Path) -> tuple[list[dict], list[Path]]:
     done, incomplete, seen = [], [], set()
     for cfg in (c for root in roots for c in sorted(root.rglob("config.yaml"))):
         run_dir = cfg.parent
-        if run_dir.name == ".hydra" or run_dir.resolve() in seen:
+        key = run_dir.resolve()
+        if run_dir.name == ".hydra" or key in seen:
             continue
-        seen.add(run_dir.resolve())
+        seen.add(key)
         try:
             m = json.loads((run_dir / "metrics.json").read_text())
         except (OSError, ValueError):
