@@ -3,9 +3,10 @@
 Finds every run's `metrics.json` below each <dir> (single runs and Hydra sweeps alike; several dirs make one table,
 e.g. a comparison whose shared cell ran in another sweep) and writes, to stdout and with `--out DIR` to files:
 - `report.md`: the metric as mean ± std over seeds (n) per group (rows: the group-by keys other than `task`;
-  columns: tasks) with the GLUE average, then the retained parameters per group and task with their share of
-  the base model, then the incomplete or failed runs (listed, never averaged in); a commonsense/all run's
-  per-task scores (`<task>_accuracy`) are columns of their own, averaged as the LLM-Adapters tables do;
+  columns: tasks) with the GLUE average (over the seeds that ran every task; "(n=k)" when some task ran more), then
+  the retained parameters per group and task with their share of the base model, then the incomplete or failed
+  runs (listed, never averaged in); a commonsense/all run's per-task scores (`<task>_accuracy`) are columns of
+  their own, averaged as the LLM-Adapters tables do;
 - `summary.csv` (one row per group and task) and `runs.csv` (one row per run: the per-seed values, train time and
   peak memory);
 - `retained_vs_metric.png`: one point per run, one colour per row group, a panel per task;
@@ -111,6 +112,17 @@ def summarize(runs: list[dict], group_by: list[str], metric: str | None, split: 
     return row_keys, rows, tasks, names, cells
 
 
+def average(cells, row, tasks, metric, split) -> str:
+    """The tasks' mean over the seeds that ran every task: averaging a 3-seed mean with a 1-seed value would mix
+    seeds. "(n=k)" marks an average over fewer seeds than some task's cell holds."""
+    by_task = [{r["seed"]: metric_of(r, metric, split) for r in cells.get((row, t), [])} for t in tasks]
+    common = set.intersection(*(set(d) for d in by_task))
+    if not common:
+        return "–"
+    avg = statistics.fmean(statistics.fmean(d[s] for s in common) for d in by_task) * 100
+    return f"{avg:.2f}" if all(len(d) == len(common) for d in by_task) else f"{avg:.2f} (n={len(common)})"
+
+
 def tables(runs: list[dict], group_by: list[str], metric: str | None = None, split: str = "eval") -> str:
     row_keys, rows, tasks, names, cells = summarize(runs, group_by, metric, split)
     if not rows:
@@ -119,12 +131,9 @@ def tables(runs: list[dict], group_by: list[str], metric: str | None = None, spl
     lines = [f"| {head} | " + " | ".join(f"{t} ({names[t]})" for t in tasks) + " | avg |",
              "|" + "---|" * (len(row_keys) + len(tasks) + 1)]
     for row in rows:
-        means, out = [], []
-        for t in tasks:
-            vals = [metric_of(r, metric, split) for r in cells.get((row, t), [])]
-            out.append(fmt(vals) if vals else "–")
-            means += [statistics.fmean(vals)] if vals else []
-        avg = f"{statistics.fmean(means) * 100:.2f}" if len(means) == len(tasks) else "–"
+        out = [fmt(vals) if (vals := [metric_of(r, metric, split) for r in cells.get((row, t), [])]) else "–"
+               for t in tasks]
+        avg = average(cells, row, tasks, metric, split)
         lines.append("| " + " | ".join(map(str, row)) + " | " + " | ".join(out) + f" | {avg} |")
     lines += ["", "Retained parameters (mean ± std over seeds; share of the base model's parameters):", "",
               f"| {head} | " + " | ".join(tasks) + " |", "|" + "---|" * (len(row_keys) + len(tasks))]

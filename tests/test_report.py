@@ -36,20 +36,36 @@ def test_group_by_a_hyper_parameter_test_split_csv_and_plot(tmp_path, capsys):
     for i, (lam, acc, test, kept) in enumerate([(0.1, 0.6, 0.5, 100), (0.1, 0.7, 0.7, 200), (1.0, 0.8, 0.9, 50)]):
         write_run(tmp_path / "runs" / str(i), "sora", "rte", i, acc, test=test, retained=kept, lam=lam)
     write_run(tmp_path / "runs" / "x", "sora", "mrpc", 0, 0.5, test=0.4, lam=0.1)
+    write_run(tmp_path / "runs" / "y", "sora", "mrpc", 1, 0.5, test=0.6, lam=0.1)
     main([str(tmp_path / "runs"), "--split", "test", "--group-by", "method,method.sparse_lambda", "--out",
           str(tmp_path / "rep")])
     out = capsys.readouterr().out
     assert "| method | method.sparse_lambda | mrpc (accuracy) | rte (accuracy) | avg |" in out
-    assert "| sora | 0.1 | 40.00 | 60.00 ± 14.14 (n=2) | 50.00 |" in out  # test split: mean of 50, 70
+    assert "| sora | 0.1 | 50.00 ± 14.14 (n=2) | 60.00 ± 14.14 (n=2) | 55.00 |" in out  # test split: mean of 50, 70
     assert "| sora | 1.0 | – | 90.00 | – |" in out  # no mrpc run at 1.0: no average
-    assert "| sora | 0.1 | 8 (0.80%) | 150 ± 71 (n=2) (15.00%) |" in out
+    assert "| sora | 0.1 | 8 ± 0 (n=2) (0.80%) | 150 ± 71 (n=2) (15.00%) |" in out
     rows = list(csv.DictReader(open(tmp_path / "rep" / "summary.csv")))
     rte = next(r for r in rows if r["task"] == "rte" and r["method.sparse_lambda"] == "0.1")
     assert (rte["mean"], rte["std"], rte["n"], rte["retained_mean"]) == ("60.0000", "14.1421", "2", "150")
     per_seed = list(csv.DictReader(open(tmp_path / "rep" / "runs.csv")))
-    assert len(per_seed) == 4 and {r["seed"] for r in per_seed} == {"0", "1", "2"}
+    assert len(per_seed) == 5 and {r["seed"] for r in per_seed} == {"0", "1", "2"}
     assert (tmp_path / "rep" / "retained_vs_metric.png").stat().st_size > 1000
     assert (tmp_path / "rep" / "report.md").read_text() == out
+
+
+def test_the_average_needs_the_same_seeds_in_every_task(tmp_path, capsys):
+    """A 3-seed MRPC mean beside a 1-seed RTE value is no paper average: the row averages the seed both ran."""
+    for seed, value in ((0, 0.8), (21, 0.9), (42, 0.7)):
+        write_run(tmp_path / f"mrpc{seed}", "lora", "mrpc", seed, value)
+    write_run(tmp_path / "rte0", "lora", "rte", 0, 0.5)
+    main([str(tmp_path)])
+    assert "| lora | 80.00 ± 10.00 (n=3) | 50.00 | 65.00 (n=1) |" in capsys.readouterr().out  # seed 0: 80, 50
+    write_run(tmp_path / "rte21", "lora", "rte", 21, 0.7)
+    main([str(tmp_path)])  # seeds 0 and 21: (80 + 90) / 2 and (50 + 70) / 2
+    assert "| lora | 80.00 ± 10.00 (n=3) | 60.00 ± 14.14 (n=2) | 72.50 (n=2) |" in capsys.readouterr().out
+    write_run(tmp_path / "rte42", "lora", "rte", 42, 0.6)
+    main([str(tmp_path)])
+    assert "| lora | 80.00 ± 10.00 (n=3) | 60.00 ± 10.00 (n=3) | 70.00 |" in capsys.readouterr().out
 
 
 def test_a_multi_task_run_gets_a_column_per_task(tmp_path, capsys):
