@@ -23,6 +23,13 @@ for set in ${*:-$DEFAULT_SETS}; do
   if [ -e "runs/$set/command.txt" ]; then cp "runs/$set/command.txt" "results/$set/"; fi
   name=$(basename "$set"); tables=results/tables/$name
   grid_seed=  # a set whose rate grid ran on one seed: choice.md, each group's rate chosen on that seed's validation
+  pair=()  # paired.md: every row against the baseline at its chosen rate per task (report --baseline)
+  case $name in
+    sora_paper) pair=(--baseline method=lora,trainer.lr=8e-05,task=mrpc
+                      --baseline method=lora,trainer.lr=0.0003,task=stsb) ;;
+    sparse_adapter_glue) pair=(--baseline method.adapter_size=64,method.sparsity=0.0,trainer.lr=0.001,task=mrpc
+                               --baseline method.adapter_size=64,method.sparsity=0.0,trainer.lr=0.0005,task=rte) ;;
+  esac
   case $name in
     sora_glue|sora_glue_gpu|ist_glue)  # split protocol sora: the held-out test half is the reported number, validation beside it
       python -m sparse_peft.report "results/$set" --split test --out "$tables" > /dev/null
@@ -41,8 +48,9 @@ for set in ${*:-$DEFAULT_SETS}; do
         *) keys=method,trainer.lr ;;  # pst_glue's labels (pst, pst_50, magnitude, ...) carry the sparsity
       esac
       case $name in sparse_adapter_glue|pst_glue) grid_seed=0 grid_keys=${keys%,trainer.lr} ;; esac
-      python -m sparse_peft.report "results/$set" --split test --group-by $keys --out "$tables" > /dev/null
-      python -m sparse_peft.report "results/$set" --split eval --group-by $keys --out "$tables/validation" > /dev/null ;;
+      python -m sparse_peft.report "results/$set" --split test --group-by $keys --out "$tables" "${pair[@]}" > /dev/null
+      python -m sparse_peft.report "results/$set" --split eval --group-by $keys --out "$tables/validation" \
+        "${pair[@]}" > /dev/null ;;
     sparse_adapter_pruners)  # SNIP's row is sparse_adapter_glue's SNIP 40% at 1e-3: the same configuration, run once
       for split in test eval; do
         out=$tables; [ $split = eval ] && out=$tables/validation
@@ -52,8 +60,10 @@ for set in ${*:-$DEFAULT_SETS}; do
       done ;;
     ist_glue_lr|sora_paper)  # a learning-rate grid: each method's rate chosen on validation (choice.md), every rate's test beside it
       grid_seed=42 grid_keys=method; [ "$name" = sora_paper ] && grid_seed=0  # the seed the grid ran on
-      python -m sparse_peft.report "results/$set" --split test --group-by method,trainer.lr --out "$tables" > /dev/null
-      python -m sparse_peft.report "results/$set" --split eval --group-by method,trainer.lr --out "$tables/validation" > /dev/null ;;
+      python -m sparse_peft.report "results/$set" --split test --group-by method,trainer.lr --out "$tables" \
+        "${pair[@]}" > /dev/null
+      python -m sparse_peft.report "results/$set" --split eval --group-by method,trainer.lr --out "$tables/validation" \
+        "${pair[@]}" > /dev/null ;;
     commonsense_smollm2)  # one column per commonsense test set (the runs' test split), peak memory in runs.csv
       python -m sparse_peft.report "results/$set" --split test --out "$tables" > /dev/null ;;
     *) python -m sparse_peft.report "results/$set" --out "$tables" > /dev/null ;;

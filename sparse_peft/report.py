@@ -19,7 +19,10 @@ Group-by keys are `method`, `task`, `model`, or any dotted config key (`method.s
 `--choose KEY` (e.g. `trainer.lr`) selects KEY per method and task on the validation metric (mean over seeds) and
 writes `choice.md`: every value's mean, the chosen one marked; a value whose model answers one class is marked
 and passed over. `--where KEY=VALUE` keeps only the matching runs
-(e.g. choose the rate on the seed the grid ran with, then report every seed at the chosen rates). With `--out`, SoRA runs also get
+(e.g. choose the rate on the seed the grid ran with, then report every seed at the chosen rates).
+`--baseline KEY=VALUE[,KEY=VALUE]` adds `paired.md`: every row minus the baseline row per task over the seeds both
+ran, with a paired t-test's p (repeat it with `task=...` in each for a per-task baseline, e.g. each method's chosen
+rate; values as the table prints them). With `--out`, SoRA runs also get
 `gate_diagnostics.png`: the share of surviving ranks that were among the largest initial gates, against chance,
 and the gates that grew between evaluations (is the sparsity data-driven?).
 """
@@ -144,6 +147,60 @@ def tables(runs: list[dict], group_by: list[str], metric: str | None = None, spl
             share = statistics.fmean(r["retained_params"] / r["total_params"] for r in rs) * 100 if rs else 0
             out.append(f"{fmt([r['retained_params'] for r in rs], scale=1)} ({share:.2f}%)" if rs else "–")
         lines.append("| " + " | ".join(map(str, row)) + " | " + " | ".join(out) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired(runs: list[dict], group_by: list[str], baselines: list[str], metric: str | None = None,
+           split: str = "eval") -> str:
+    """Every row against the baseline, per task, on the seeds both ran: the mean difference (x100) and the two-sided
+    p of a paired t-test (n >= 2). Pairing by seed: runs on one seed share the data order and the head's init, so the
+    seed's share of the variance cancels. A baseline is KEY=VALUE[,KEY=VALUE] over the row keys and `task`; repeat it
+    for a per-task baseline (each method at its own chosen rate): it must match one row per task."""
+    from scipy.stats import ttest_rel
+
+    row_keys, rows, tasks, names, cells = summarize(runs, group_by, metric, split)
+    specs = []
+    for spec in baselines:
+        conds = dict(c.partition("=")[::2] for c in spec.split(","))
+        bad = [k for k, v in conds.items() if not v or k not in [*row_keys, "task"]]
+        if bad:
+            raise SystemExit(f"error: --baseline {spec}: expected KEY=VALUE over the group-by keys "
+                             f"({', '.join([*row_keys, 'task'])}), e.g. --baseline method=lora")
+        specs.append(conds)
+    value = dict(zip(row_keys, range(len(row_keys))))
+    matches = lambda c, row, t: all(str(t if k == "task" else row[value[k]]) == v for k, v in c.items())  # noqa: E731
+    base = {}
+    for t in tasks:
+        hits = {row for row in rows if (row, t) in cells for c in specs if matches(c, row, t)}
+        if len(hits) > 1:
+            found = "; ".join(" ".join(map(str, h)) for h in sorted(hits, key=str))
+            raise SystemExit(f"error: --baseline matches {len(hits)} rows on {t} ({found}): name one, e.g. add "
+                             "trainer.lr=..., or give one --baseline per task with task=...")
+        if hits:
+            base[t] = hits.pop()
+    if not base:
+        raise SystemExit(f"error: --baseline {' '.join(baselines)} matches no row with `{split}` metrics")
+    seeds = lambda row, t: {r["seed"]: metric_of(r, metric, split) for r in cells.get((row, t), [])}  # noqa: E731
+    head = " | ".join(row_keys)
+    lines = [f"Each row minus the baseline ({'; '.join(baselines)}), `{split}` x100, mean over the seeds both ran",
+             "(n) and the two-sided paired t-test p; the last line names each task's baseline row.", "",
+             f"| {head} | " + " | ".join(f"{t} ({names[t]})" for t in tasks) + " |",
+             "|" + "---|" * (len(row_keys) + len(tasks))]
+    for row in rows:
+        out = []
+        for t in tasks:
+            mine, ref = seeds(row, t), seeds(base[t], t) if t in base else {}
+            common = sorted(set(mine) & set(ref))
+            if row == base.get(t) or not common:
+                out.append("baseline" if row == base.get(t) else "–")
+                continue
+            a, b = [mine[s] for s in common], [ref[s] for s in common]
+            text = f"{(statistics.fmean(a) - statistics.fmean(b)) * 100:+.2f} (n={len(common)}"
+            p = ttest_rel(a, b).pvalue if len(common) > 1 else float("nan")
+            out.append(text + (f", p={p:.3f})" if p == p else ")"))  # nan: one seed, or identical differences
+        lines.append("| " + " | ".join(map(str, row)) + " | " + " | ".join(out) + " |")
+    named = [" ".join(map(str, base[t])) if t in base else "–" for t in tasks]
+    lines.append("| baseline | " + " | ".join(named) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -389,6 +446,9 @@ def main(argv=None) -> None:
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="only runs whose KEY (any group-by key) equals VALUE, e.g. choose on one seed: "
                         "--where trainer.seed=42; repeatable")
+    p.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="also write paired.md: every row minus this row per task over shared seeds, paired t-test p "
+                        "(e.g. method=lora,trainer.lr=0.0003; repeat with task=... for a per-task baseline)")
     p.add_argument("--stages", type=Path, default=None, metavar="DIR",
                    help="root is one scheduler run: write its per-stage table and plot (stages.md, stages.png) to DIR")
     a = p.parse_args(argv)
@@ -421,11 +481,14 @@ def main(argv=None) -> None:
     if a.metric is None:
         runs = per_task(runs, a.split)
     text = tables(runs, group_by, a.metric, a.split)
+    pairs = paired(runs, group_by, a.baseline, a.metric, a.split) if a.baseline else ""
     if incomplete:
         text += "\nIncomplete or failed runs (not averaged): " + ", ".join(str(d) for d in incomplete) + "\n"
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "report.md").write_text(text)
+        if pairs:
+            (a.out / "paired.md").write_text(pairs)
         write_csvs(runs, group_by, a.metric, a.split, a.out)
         plot_retained(runs, group_by, a.metric, a.split, a.out / "retained_vs_metric.png")
         plot_gate_diagnostics(runs, a.out / "gate_diagnostics.png")
@@ -438,7 +501,7 @@ def main(argv=None) -> None:
                 root = next(q for q in a.roots if Path(r["dir"]).is_relative_to(q))
                 name = str(Path(r["dir"]).relative_to(root)).replace("/", "_").strip(".") or "run"
                 stages_report(Path(r["dir"]), a.out, plot_name=f"stages_{name}.png")
-    print(text, end="")
+    print(text + ("\n" + pairs if pairs else ""), end="")
 
 
 if __name__ == "__main__":

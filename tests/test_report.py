@@ -125,3 +125,25 @@ def test_several_roots_make_one_table(tmp_path, capsys):
     assert f"Incomplete or failed runs (not averaged): {tmp_path / 'sweep2' / 'c'}" in out
     main([str(tmp_path), str(tmp_path / "sweep2")])  # nested roots: a run below both counts once
     assert "| lora | 65.00 ± 7.07 (n=2) | 65.00 |" in capsys.readouterr().out
+
+
+def test_baseline_pairs_each_row_by_seed_with_a_t_test(tmp_path, capsys):
+    """paired.md: sora - lora on the seeds both ran. Differences (10, 20, 0) x100: mean 10, sd 10, t = sqrt(3),
+    two-sided p with 2 df = 0.225; a seed only one side ran is left out; an ambiguous baseline is an error."""
+    for seed, lora, sora in ((0, 0.50, 0.60), (1, 0.60, 0.80), (2, 0.70, 0.70)):
+        write_run(tmp_path / f"lora{seed}", "lora", "rte", seed, lora)
+        write_run(tmp_path / f"sora{seed}", "sora", "rte", seed, sora)
+    write_run(tmp_path / "sora3", "sora", "rte", 3, 0.99)  # no lora run on seed 3: not paired
+    write_run(tmp_path / "lora_mrpc", "lora", "mrpc", 0, 0.8)
+    write_run(tmp_path / "sora_mrpc", "sora", "mrpc", 0, 0.7)
+    main([str(tmp_path), "--baseline", "method=lora", "--out", str(tmp_path / "rep")])
+    out = capsys.readouterr().out
+    assert "| sora | -10.00 (n=1) | +10.00 (n=3, p=0.225) |" in out  # one seed on mrpc: no p
+    assert "| lora | baseline | baseline |" in out and "| baseline | lora | lora |" in out
+    assert (tmp_path / "rep" / "paired.md").read_text() in out
+    main([str(tmp_path), "--baseline", "method=sora,task=mrpc", "--baseline", "method=lora,task=rte"])
+    assert "| lora | +10.00 (n=1) | baseline |" in capsys.readouterr().out  # a baseline per task
+    with pytest.raises(SystemExit, match="matches 2 rows on mrpc"):
+        main([str(tmp_path), "--baseline", "task=mrpc"])
+    with pytest.raises(SystemExit, match="expected KEY=VALUE over the group-by keys"):
+        main([str(tmp_path), "--baseline", "trainer.lr=1"])
