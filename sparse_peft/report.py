@@ -167,8 +167,8 @@ def paired(runs: list[dict], group_by: list[str], baselines: list[str], metric: 
             raise SystemExit(f"error: --baseline {spec}: expected KEY=VALUE over the group-by keys "
                              f"({', '.join([*row_keys, 'task'])}), e.g. --baseline method=lora")
         specs.append(conds)
-    value = dict(zip(row_keys, range(len(row_keys))))
-    matches = lambda c, row, t: all(str(t if k == "task" else row[value[k]]) == v for k, v in c.items())  # noqa: E731
+    index = {k: i for i, k in enumerate(row_keys)}
+    matches = lambda c, row, t: all(str(t if k == "task" else row[index[k]]) == v for k, v in c.items())  # noqa: E731
     base = {}
     for t in tasks:
         hits = {row for row in rows if (row, t) in cells for c in specs if matches(c, row, t)}
@@ -471,6 +471,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: no completed run (metrics.json with status completed){where} below "
                          + ", ".join(map(str, a.roots)))
     if a.choose:
+        if a.baseline:
+            raise SystemExit("error: --baseline compares the table's rows; run it without --choose")
         text, _ = choose(runs, a.choose, a.metric, group_by)
         if a.out:
             a.out.mkdir(parents=True, exist_ok=True)

@@ -147,3 +147,5 @@ def test_baseline_pairs_each_row_by_seed_with_a_t_test(tmp_path, capsys):
         main([str(tmp_path), "--baseline", "task=mrpc"])
     with pytest.raises(SystemExit, match="expected KEY=VALUE over the group-by keys"):
         main([str(tmp_path), "--baseline", "trainer.lr=1"])
+    with pytest.raises(SystemExit, match="without --choose"):
+        main([str(tmp_path), "--baseline", "method=lora", "--choose", "trainer.lr"])
