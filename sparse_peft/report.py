@@ -115,10 +115,15 @@ def summarize(runs: list[dict], group_by: list[str], metric: str | None, split: 
     return row_keys, rows, tasks, names, cells
 
 
+def by_seed(cells, row, task, metric, split) -> dict:
+    """{seed: metric} of one cell of `summarize`."""
+    return {r["seed"]: metric_of(r, metric, split) for r in cells.get((row, task), [])}
+
+
 def average(cells, row, tasks, metric, split) -> str:
     """The tasks' mean over the seeds that ran every task: averaging a 3-seed mean with a 1-seed value would mix
     seeds. "(n=k)" marks an average over fewer seeds than some task's cell holds."""
-    by_task = [{r["seed"]: metric_of(r, metric, split) for r in cells.get((row, t), [])} for t in tasks]
+    by_task = [by_seed(cells, row, t, metric, split) for t in tasks]
     common = set.intersection(*(set(d) for d in by_task))
     if not common:
         return "–"
@@ -180,7 +185,6 @@ def paired(runs: list[dict], group_by: list[str], baselines: list[str], metric: 
             base[t] = hits.pop()
     if not base:
         raise SystemExit(f"error: --baseline {' '.join(baselines)} matches no row with `{split}` metrics")
-    seeds = lambda row, t: {r["seed"]: metric_of(r, metric, split) for r in cells.get((row, t), [])}  # noqa: E731
     head = " | ".join(row_keys)
     lines = [f"Each row minus the baseline ({'; '.join(baselines)}), `{split}` x100, mean over the seeds both ran",
              "(n) and the two-sided paired t-test p; the last line names each task's baseline row.", "",
@@ -189,10 +193,13 @@ def paired(runs: list[dict], group_by: list[str], baselines: list[str], metric: 
     for row in rows:
         out = []
         for t in tasks:
-            mine, ref = seeds(row, t), seeds(base[t], t) if t in base else {}
+            if row == base.get(t):
+                out.append("baseline")
+                continue
+            mine, ref = by_seed(cells, row, t, metric, split), by_seed(cells, base.get(t), t, metric, split)
             common = sorted(set(mine) & set(ref))
-            if row == base.get(t) or not common:
-                out.append("baseline" if row == base.get(t) else "–")
+            if not common:
+                out.append("–")
                 continue
             a, b = [mine[s] for s in common], [ref[s] for s in common]
             text = f"{(statistics.fmean(a) - statistics.fmean(b)) * 100:+.2f} (n={len(common)}"
