@@ -29,7 +29,8 @@ for set in ${*:-$DEFAULT_SETS}; do
                       --baseline method=lora,trainer.lr=0.0003,task=stsb) ;;
     sparse_adapter_glue) pair=(--baseline method.adapter_size=64,method.sparsity=0.0,trainer.lr=0.001,task=mrpc
                                --baseline method.adapter_size=64,method.sparsity=0.0,trainer.lr=0.0005,task=rte
-                               --baseline method.adapter_size=64,method.sparsity=0.0,trainer.lr=0.0005,task=cola) ;;
+                               --baseline method.adapter_size=64,method.sparsity=0.0,trainer.lr=0.0005,task=cola
+                               --baseline method.adapter_size=64,method.sparsity=0.0,trainer.lr=0.0005,task=stsb) ;;
   esac
   case $name in
     sora_glue|sora_glue_gpu|ist_glue)  # split protocol sora: the held-out test half is the reported number, validation beside it
