@@ -498,6 +498,8 @@ def main(argv=None) -> None:
         (a.out / "report.md").write_text(text)
         if pairs:
             (a.out / "paired.md").write_text(pairs)
+        else:  # a table regenerated without --baseline must not sit beside an earlier run's pairing
+            (a.out / "paired.md").unlink(missing_ok=True)
         write_csvs(runs, group_by, a.metric, a.split, a.out)
         plot_retained(runs, group_by, a.metric, a.split, a.out / "retained_vs_metric.png")
         plot_gate_diagnostics(runs, a.out / "gate_diagnostics.png")

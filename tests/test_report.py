@@ -141,6 +141,9 @@ def test_baseline_pairs_each_row_by_seed_with_a_t_test(tmp_path, capsys):
     assert "| sora | -10.00 (n=1) | +10.00 (n=3, p=0.225) |" in out  # one seed on mrpc: no p
     assert "| lora | baseline | baseline |" in out and "| baseline | lora | lora |" in out
     assert (tmp_path / "rep" / "paired.md").read_text() in out
+    main([str(tmp_path), "--out", str(tmp_path / "rep")])  # regenerated without --baseline: no stale pairing
+    assert not (tmp_path / "rep" / "paired.md").exists()
+    capsys.readouterr()
     main([str(tmp_path), "--baseline", "method=sora,task=mrpc", "--baseline", "method=lora,task=rte"])
     assert "| lora | +10.00 (n=1) | baseline |" in capsys.readouterr().out  # a baseline per task
     with pytest.raises(SystemExit, match="matches 2 rows on mrpc"):
