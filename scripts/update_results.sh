@@ -23,15 +23,15 @@ for set in ${*:-$DEFAULT_SETS}; do
   if [ -e "runs/$set/command.txt" ]; then cp "runs/$set/command.txt" "results/$set/"; fi
   name=$(basename "$set"); tables=results/tables/$name
   grid_seed=  # a set whose rate grid ran on one seed: choice.md, each group's rate chosen on that seed's validation
-  pair=()  # paired.md: every row against the baseline at its chosen rate per task (report --baseline)
+  pair=()  # paired.md: every row against the baseline at its rate chosen on grid_seed, per task (report --baseline)
   case $name in
-    sora_paper) pair=(--baseline method=lora,trainer.lr=8e-05,task=mrpc
-                      --baseline method=lora,trainer.lr=0.0003,task=stsb) ;;
-    sparse_adapter_glue) pair=(--baseline method.adapter_size=64,method.sparsity=0.0,trainer.lr=0.001,task=mrpc
-                               --baseline method.adapter_size=64,method.sparsity=0.0,trainer.lr=0.0005,task=rte
-                               --baseline method.adapter_size=64,method.sparsity=0.0,trainer.lr=0.0005,task=cola
-                               --baseline method.adapter_size=64,method.sparsity=0.0,trainer.lr=0.0005,task=stsb) ;;
+    sora_paper) grid_seed=0 pair=(--baseline method=lora,trainer.lr=chosen) ;;
+    sparse_adapter_glue) grid_seed=0
+      pair=(--baseline method.adapter_size=64,method.sparsity=0.0,trainer.lr=chosen) ;;  # the dense adapter
+    pst_glue) grid_seed=0 pair=(--baseline method=full,trainer.lr=chosen) ;;
+    ist_glue_lr) grid_seed=42 ;;
   esac
+  if [ ${#pair[@]} -gt 0 ]; then pair+=(--chosen-on "trainer.seed=$grid_seed"); fi
   case $name in
     sora_glue|sora_glue_gpu|ist_glue)  # split protocol sora: the held-out test half is the reported number, validation beside it
       python -m sparse_peft.report "results/$set" --split test --out "$tables" > /dev/null
@@ -49,7 +49,7 @@ for set in ${*:-$DEFAULT_SETS}; do
         sparse_adapter_glue*) keys=method.adapter_size,method.sparsity,trainer.lr ;;
         *) keys=method,trainer.lr ;;  # pst_glue's labels (pst, pst_50, magnitude, ...) carry the sparsity
       esac
-      case $name in sparse_adapter_glue|pst_glue) grid_seed=0 grid_keys=${keys%,trainer.lr} ;; esac
+      grid_keys=${keys%,trainer.lr}
       python -m sparse_peft.report "results/$set" --split test --group-by $keys --out "$tables" "${pair[@]}" > /dev/null
       python -m sparse_peft.report "results/$set" --split eval --group-by $keys --out "$tables/validation" \
         "${pair[@]}" > /dev/null ;;
@@ -61,7 +61,7 @@ for set in ${*:-$DEFAULT_SETS}; do
           --group-by method.pruner,task --out "$out" > /dev/null
       done ;;
     ist_glue_lr|sora_paper)  # a learning-rate grid: each method's rate chosen on validation (choice.md), every rate's test beside it
-      grid_seed=42 grid_keys=method; [ "$name" = sora_paper ] && grid_seed=0  # the seed the grid ran on
+      grid_keys=method
       python -m sparse_peft.report "results/$set" --split test --group-by method,trainer.lr --out "$tables" \
         "${pair[@]}" > /dev/null
       python -m sparse_peft.report "results/$set" --split eval --group-by method,trainer.lr --out "$tables/validation" \
@@ -71,7 +71,7 @@ for set in ${*:-$DEFAULT_SETS}; do
     *) python -m sparse_peft.report "results/$set" --out "$tables" > /dev/null ;;
   esac
   if [ -n "$grid_seed" ]; then
-    python -m sparse_peft.report "results/$set" --choose trainer.lr --where trainer.seed="$grid_seed" \
+    python -m sparse_peft.report "results/$set" --choose trainer.lr --chosen-on trainer.seed="$grid_seed" \
       --group-by "$grid_keys" --out "$tables" > /dev/null
   fi
   NAME=$name python - <<'PY'

@@ -18,11 +18,12 @@ Group-by keys are `method`, `task`, `model`, or any dotted config key (`method.s
 `--stages DIR` instead treats <dir> as one scheduler run: its per-stage table and plot (stages.md, stages.png).
 `--choose KEY` (e.g. `trainer.lr`) selects KEY per method and task on the validation metric (mean over seeds) and
 writes `choice.md`: every value's mean, the chosen one marked; a value whose model answers one class is marked
-and passed over. `--where KEY=VALUE` keeps only the matching runs
-(e.g. choose the rate on the seed the grid ran with, then report every seed at the chosen rates).
+and passed over. `--chosen-on KEY=VALUE` chooses on the matching runs' means (e.g. the seed the grid ran on) while
+a value that answers one class on any seed is still passed over; `--where KEY=VALUE` keeps only the matching runs.
 `--baseline KEY=VALUE[,KEY=VALUE]` adds `paired.md`: every row minus the baseline row per task over the seeds both
-ran, with a paired t-test's p (repeat it with `task=...` in each for a per-task baseline, e.g. each method's chosen
-rate; values as the table prints them). With `--out`, SoRA runs also get
+ran, with a paired t-test's p (repeat it with `task=...` in each for a per-task baseline; values as the table prints
+them). `KEY=chosen` (e.g. `method=lora,trainer.lr=chosen`) takes, per task, the value that `--choose KEY` (with the
+same `--chosen-on`) picks: the baseline at its own rate. With `--out`, SoRA runs also get
 `gate_diagnostics.png`: the share of surviving ranks that were among the largest initial gates, against chance,
 and the gates that grew between evaluations (is the sparsity data-driven?).
 """
@@ -108,11 +109,26 @@ def summarize(runs: list[dict], group_by: list[str], metric: str | None, split: 
     cells = defaultdict(list)
     for r in runs:
         if metric_of(r, metric, split) is not None:
-            cells[(tuple(key_value(r, k) for k in row_keys), r["task"])].append(r)
+            cell = cells[(tuple(key_value(r, k) for k in row_keys), r["task"])]
+            twin = next((o for o in cell if o["seed"] == r["seed"]), None)
+            if twin is not None:  # a mean over "seeds" would count one seed twice
+                keys = ", ".join(differing_keys(twin.get("config"), r.get("config"))[:4]) or "none in config.yaml"
+                raise SystemExit(f"error: {twin['dir']} and {r['dir']} fall in one cell on the same seed "
+                                 f"{r['seed']}: add the key that tells them apart to --group-by ({keys}) "
+                                 "or keep one with --where")
+            cell.append(r)
     rows = sorted({row for row, _ in cells}, key=lambda t: tuple(str(x) for x in t))
     tasks = sorted({t for _, t in cells})
     names = {t: metric or next(r["selection_metric"] for r in runs if r["task"] == t) for t in tasks}
     return row_keys, rows, tasks, names, cells
+
+
+def differing_keys(a, b, prefix: str = "") -> list[str]:
+    """The dotted config keys whose values differ between two configs (nested dicts)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in differing_keys(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 def by_seed(cells, row, task, metric, split) -> dict:
@@ -156,24 +172,31 @@ def tables(runs: list[dict], group_by: list[str], metric: str | None = None, spl
 
 
 def paired(runs: list[dict], group_by: list[str], baselines: list[str], metric: str | None = None,
-           split: str = "eval") -> str:
+           split: str = "eval", choice_runs: list[dict] | None = None) -> str:
     """Every row against the baseline, per task, on the seeds both ran: the mean difference (x100) and the two-sided
     p of a paired t-test (n >= 2). Pairing by seed: runs on one seed share the data order and the head's init, so the
     seed's share of the variance cancels. A baseline is KEY=VALUE[,KEY=VALUE] over the row keys and `task`; repeat it
-    for a per-task baseline (each method at its own chosen rate): it must match one row per task."""
+    for a per-task baseline: it must match one row per task. `KEY=chosen` matches the row whose KEY `choose` picks on
+    `choice_runs` (default: `runs`) among the rows that agree on every other key."""
     from scipy.stats import ttest_rel
 
     row_keys, rows, tasks, names, cells = summarize(runs, group_by, metric, split)
     specs = []
     for spec in baselines:
         conds = dict(c.partition("=")[::2] for c in spec.split(","))
-        bad = [k for k, v in conds.items() if not v or k not in [*row_keys, "task"]]
+        bad = [k for k, v in conds.items() if not v or k not in [*row_keys, "task"] or (v, k) == ("chosen", "task")]
         if bad:
             raise SystemExit(f"error: --baseline {spec}: expected KEY=VALUE over the group-by keys "
                              f"({', '.join([*row_keys, 'task'])}), e.g. --baseline method=lora")
         specs.append(conds)
     index = {k: i for i, k in enumerate(row_keys)}
-    matches = lambda c, row, t: all(str(t if k == "task" else row[index[k]]) == v for k, v in c.items())  # noqa: E731
+    chosen = {k: choose(runs, k, metric, [o for o in row_keys if o != k], on=choice_runs)[1]
+              for k in {k for c in specs for k, v in c.items() if v == "chosen"}}
+    rest = lambda row, k, t: (*(x for o, x in zip(row_keys, row) if o != k), t)  # noqa: E731  the row without k
+
+    def matches(c, row, t):
+        return all(row[index[k]] == chosen[k].get(rest(row, k, t)) if v == "chosen" else
+                   str(t if k == "task" else row[index[k]]) == v for k, v in c.items())
     base = {}
     for t in tasks:
         hits = {row for row in rows if (row, t) in cells for c in specs if matches(c, row, t)}
@@ -376,19 +399,24 @@ def one_class(scores: dict) -> bool:
     return f1 is not None and acc is not None and (f1 == 0 or abs(f1 - 2 * acc / (1 + acc)) < 1e-9)
 
 
-def choose(runs: list[dict], key: str, metric: str | None = None, group_by=("method", "task")) -> tuple[str, dict]:
+def choose(runs: list[dict], key: str, metric: str | None = None, group_by=("method", "task"),
+           on: list[dict] | None = None) -> tuple[str, dict]:
     """Per group (default: method and task): the value of `key` with the best mean validation metric over seeds,
     and a table of every value's mean ± std (n), the chosen one in bold. A value where any seed's model answers one
     class (`one_class`) is marked and chosen only if every value is: on MRPC the all-positive F1 (81) beats a model
-    that learned something but overfits, and a constant is not a usable rate."""
+    that learned something but overfits, and a constant is not a usable rate. `on`: the runs whose means choose (e.g.
+    the seed a grid ran on); a value that answers one class on any of `runs` is still passed over."""
     group_by = list(group_by) + (["task"] if "task" not in group_by else [])
-    cells, flat = defaultdict(list), defaultdict(int)
+    mine = {r["dir"] for r in (runs if on is None else on)}
+    cells, flat, ran = defaultdict(list), defaultdict(int), defaultdict(int)
     for r in runs:
         value = metric_of(r, metric, "eval")
         if value is not None:
             cell = (tuple(key_value(r, k) for k in group_by), key_value(r, key))
-            cells[cell].append(value)
+            if r["dir"] in mine:
+                cells[cell].append(value)
             flat[cell] += one_class(r.get("eval") or {})
+            ran[cell] += 1
     chosen = {}
     rank = lambda c: (not flat[c], statistics.fmean(cells[c]))  # noqa: E731  usable first, then the metric
     for (g, v) in cells:
@@ -403,11 +431,11 @@ def choose(runs: list[dict], key: str, metric: str | None = None, group_by=("met
         for v in values:
             vals = cells.get((g, v))
             text = fmt(vals) if vals else "–"
-            text += f" (one class: {flat[(g, v)]}/{len(vals)})" if vals and flat[(g, v)] else ""
+            text += f" (one class: {flat[(g, v)]}/{ran[(g, v)]})" if vals and flat[(g, v)] else ""
             out.append(f"**{text}**" if vals and v == chosen[g] else text)
         lines.append(f"| {' | '.join(map(str, g))} | " + " | ".join(out) + f" | {chosen[g]} |")
     if any(flat.values()):
-        lines += ["", f"(one class: k/n): in k of the n runs the model answered one class for at least "
+        lines += ["", f"(one class: k/n): in k of the n runs (any seed) the model answered one class for at least "
                   f"{ONE_CLASS_SHARE:.0%} of the validation inputs; such a value is chosen only if every value is."]
     return "\n".join(lines) + "\n", chosen
 
@@ -440,6 +468,16 @@ def plot_gate_diagnostics(runs: list[dict], path: Path) -> bool:
     return True
 
 
+def matching(runs: list[dict], conds: list[str], flag: str) -> list[dict]:
+    """The runs whose every KEY (any group-by key) equals its VALUE, as the table prints it."""
+    for cond in conds:
+        key, sep, value = cond.partition("=")
+        if not sep:
+            raise SystemExit(f"error: {flag} {cond}: expected KEY=VALUE, e.g. {flag} trainer.seed=42")
+        runs = [r for r in runs if str(key_value(r, key)) == value]
+    return runs
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m sparse_peft.report", description=__doc__.split("\n\n")[0])
     p.add_argument("roots", type=Path, nargs="+", metavar="root")
@@ -456,6 +494,9 @@ def main(argv=None) -> None:
     p.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="also write paired.md: every row minus this row per task over shared seeds, paired t-test p "
                         "(e.g. method=lora,trainer.lr=0.0003; repeat with task=... for a per-task baseline)")
+    p.add_argument("--chosen-on", action="append", default=[], metavar="KEY=VALUE",
+                   help="the runs a baseline's KEY=chosen is chosen on, e.g. the seed the grid ran on: "
+                        "--chosen-on trainer.seed=0; repeatable (default: every run)")
     p.add_argument("--stages", type=Path, default=None, metavar="DIR",
                    help="root is one scheduler run: write its per-stage table and plot (stages.md, stages.png) to DIR")
     a = p.parse_args(argv)
@@ -468,11 +509,7 @@ def main(argv=None) -> None:
     if "task" not in group_by:
         group_by.append("task")
     runs, incomplete = collect(*a.roots)
-    for cond in a.where:
-        key, sep, value = cond.partition("=")
-        if not sep:
-            raise SystemExit(f"error: --where {cond}: expected KEY=VALUE, e.g. --where trainer.seed=42")
-        runs = [r for r in runs if str(key_value(r, key)) == value]
+    runs = matching(runs, a.where, "--where")
     if not runs:
         where = f" matching {' and '.join(a.where)}" if a.where else ""
         raise SystemExit(f"error: no completed run (metrics.json with status completed){where} below "
@@ -480,7 +517,7 @@ def main(argv=None) -> None:
     if a.choose:
         if a.baseline:
             raise SystemExit("error: --baseline compares the table's rows; run it without --choose")
-        text, _ = choose(runs, a.choose, a.metric, group_by)
+        text, _ = choose(runs, a.choose, a.metric, group_by, on=matching(runs, a.chosen_on, "--chosen-on"))
         if a.out:
             a.out.mkdir(parents=True, exist_ok=True)
             (a.out / "choice.md").write_text(text)
@@ -490,7 +527,8 @@ def main(argv=None) -> None:
     if a.metric is None:
         runs = per_task(runs, a.split)
     text = tables(runs, group_by, a.metric, a.split)
-    pairs = paired(runs, group_by, a.baseline, a.metric, a.split) if a.baseline else ""
+    pairs = paired(runs, group_by, a.baseline, a.metric, a.split, matching(runs, a.chosen_on, "--chosen-on")) \
+        if a.baseline else ""
     if incomplete:
         text += "\nIncomplete or failed runs (not averaged): " + ", ".join(str(d) for d in incomplete) + "\n"
     if a.out:

@@ -152,3 +152,44 @@ def test_baseline_pairs_each_row_by_seed_with_a_t_test(tmp_path, capsys):
         main([str(tmp_path), "--baseline", "trainer.lr=1"])
     with pytest.raises(SystemExit, match="without --choose"):
         main([str(tmp_path), "--baseline", "method=lora", "--choose", "trainer.lr"])
+
+
+def test_a_chosen_baseline_is_the_rate_choose_picks(tmp_path, capsys):
+    """`--baseline method=lora,method.sparse_lambda=chosen`: lora's value with the best validation mean (0.1: 65 vs
+    62.5), or the best on the runs `--chosen-on` keeps (seed 1: 1.0, 75 vs 70); `task=chosen` is an error. Paired
+    differences (20, 15): t = 7, 1 df, p = 1 - 2 atan(7) / pi = 0.090; (30, 10): t = 2, p = 0.295."""
+    for name, lam, seed, value in (("l1a", 0.1, 0, 0.60), ("l1b", 0.1, 1, 0.70), ("l2a", 1.0, 0, 0.50),
+                                   ("l2b", 1.0, 1, 0.75), ("sa", 0.1, 0, 0.80), ("sb", 0.1, 1, 0.85)):
+        write_run(tmp_path / name, "sora" if name[0] == "s" else "lora", "rte", seed, value, lam=lam)
+    args = [str(tmp_path), "--group-by", "method,method.sparse_lambda", "--baseline",
+            "method=lora,method.sparse_lambda=chosen"]
+    main(args)
+    out = capsys.readouterr().out
+    assert "| sora | 0.1 | +17.50 (n=2, p=0.090) |" in out and "| baseline | lora 0.1 |" in out
+    main([*args, "--chosen-on", "trainer.seed=1"])
+    out = capsys.readouterr().out
+    assert "| sora | 0.1 | +20.00 (n=2, p=0.295) |" in out and "| baseline | lora 1.0 |" in out
+    with pytest.raises(SystemExit, match="expected KEY=VALUE over the group-by keys"):
+        main([*args[:3], "--baseline", "method=lora,task=chosen"])
+
+
+def test_two_runs_on_one_seed_in_a_cell_are_an_error_naming_the_key(tmp_path):
+    """Grouped by method alone, lora at two lambdas on seed 0 would be averaged as two seeds."""
+    write_run(tmp_path / "a", "lora", "rte", 0, 0.60, lam=0.1)
+    write_run(tmp_path / "b", "lora", "rte", 0, 0.70, lam=1.0)
+    with pytest.raises(SystemExit, match=r"on the same seed 0: add the key .* \(method.sparse_lambda\)"):
+        main([str(tmp_path)])
+    main([str(tmp_path), "--group-by", "method,method.sparse_lambda"])
+
+
+def test_chosen_on_one_seed_still_passes_over_a_value_that_collapses_on_another(tmp_path, capsys):
+    """The grid ran on seed 0, where 1.0 leads (70 vs 60); on seed 1 it answered one class: 0.1 is chosen, as the
+    dense adapter's MRPC rate was (2e-3 best on seed 0, all-positive on seed 21)."""
+    write_run(tmp_path / "a", "lora", "rte", 0, 0.60, lam=0.1)
+    write_run(tmp_path / "b", "lora", "rte", 0, 0.70, lam=1.0)
+    write_run(tmp_path / "c", "lora", "rte", 1, 0.50, lam=1.0)
+    m = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    m["eval"]["majority_share"] = 1.0
+    (tmp_path / "c" / "metrics.json").write_text(json.dumps(m))
+    main([str(tmp_path), "--choose", "method.sparse_lambda", "--chosen-on", "trainer.seed=0"])
+    assert "| lora | rte | **60.00** | 70.00 (one class: 1/2) | 0.1 |" in capsys.readouterr().out
