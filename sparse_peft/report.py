@@ -172,12 +172,12 @@ def tables(runs: list[dict], group_by: list[str], metric: str | None = None, spl
 
 
 def paired(runs: list[dict], group_by: list[str], baselines: list[str], metric: str | None = None,
-           split: str = "eval", choice_runs: list[dict] | None = None) -> str:
+           split: str = "eval", chosen_on: tuple[str, ...] = ()) -> str:
     """Every row against the baseline, per task, on the seeds both ran: the mean difference (x100) and the two-sided
     p of a paired t-test (n >= 2). Pairing by seed: runs on one seed share the data order and the head's init, so the
     seed's share of the variance cancels. A baseline is KEY=VALUE[,KEY=VALUE] over the row keys and `task`; repeat it
-    for a per-task baseline: it must match one row per task. `KEY=chosen` matches the row whose KEY `choose` picks on
-    `choice_runs` (default: `runs`) among the rows that agree on every other key."""
+    for a per-task baseline: it must match one row per task. `KEY=chosen` matches the row whose KEY `choose` picks
+    (on the runs matching every `chosen_on` KEY=VALUE) among the rows that agree on every other key."""
     from scipy.stats import ttest_rel
 
     row_keys, rows, tasks, names, cells = summarize(runs, group_by, metric, split)
@@ -190,7 +190,8 @@ def paired(runs: list[dict], group_by: list[str], baselines: list[str], metric: 
                              f"({', '.join([*row_keys, 'task'])}), e.g. --baseline method=lora")
         specs.append(conds)
     index = {k: i for i, k in enumerate(row_keys)}
-    chosen = {k: choose(runs, k, metric, [o for o in row_keys if o != k], on=choice_runs)[1]
+    on = matching(runs, chosen_on, "--chosen-on")
+    chosen = {k: choose(runs, k, metric, [o for o in row_keys if o != k], on=on)[1]
               for k in {k for c in specs for k, v in c.items() if v == "chosen"}}
     rest = lambda row, k, t: (*(x for o, x in zip(row_keys, row) if o != k), t)  # noqa: E731  the row without k
 
@@ -209,7 +210,8 @@ def paired(runs: list[dict], group_by: list[str], baselines: list[str], metric: 
     if not base:
         raise SystemExit(f"error: --baseline {' '.join(baselines)} matches no row with `{split}` metrics")
     head = " | ".join(row_keys)
-    lines = [f"Each row minus the baseline ({'; '.join(baselines)}), `{split}` x100, mean over the seeds both ran",
+    how = f"; `chosen` on {' and '.join(chosen_on)}" if chosen and chosen_on else ""
+    lines = [f"Each row minus the baseline ({'; '.join(baselines)}{how}), `{split}` x100, mean over the seeds both ran",
              "(n) and the two-sided paired t-test p; the last line names each task's baseline row.", "",
              f"| {head} | " + " | ".join(f"{t} ({names[t]})" for t in tasks) + " |",
              "|" + "---|" * (len(row_keys) + len(tasks))]
@@ -527,8 +529,7 @@ def main(argv=None) -> None:
     if a.metric is None:
         runs = per_task(runs, a.split)
     text = tables(runs, group_by, a.metric, a.split)
-    pairs = paired(runs, group_by, a.baseline, a.metric, a.split, matching(runs, a.chosen_on, "--chosen-on")) \
-        if a.baseline else ""
+    pairs = paired(runs, group_by, a.baseline, a.metric, a.split, a.chosen_on) if a.baseline else ""
     if incomplete:
         text += "\nIncomplete or failed runs (not averaged): " + ", ".join(str(d) for d in incomplete) + "\n"
     if a.out:

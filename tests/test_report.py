@@ -169,6 +169,7 @@ def test_a_chosen_baseline_is_the_rate_choose_picks(tmp_path, capsys):
     main([*args, "--chosen-on", "trainer.seed=1"])
     out = capsys.readouterr().out
     assert "| sora | 0.1 | +20.00 (n=2, p=0.295) |" in out and "| baseline | lora 1.0 |" in out
+    assert "(method=lora,method.sparse_lambda=chosen; `chosen` on trainer.seed=1)" in out
     with pytest.raises(SystemExit, match="expected KEY=VALUE over the group-by keys"):
         main([*args[:3], "--baseline", "method=lora,task=chosen"])
 
