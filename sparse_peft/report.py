@@ -184,7 +184,7 @@ def paired(runs: list[dict], group_by: list[str], baselines: list[str], metric: 
     specs = []
     for spec in baselines:
         conds = dict(c.partition("=")[::2] for c in spec.split(","))
-        bad = [k for k, v in conds.items() if not v or k not in [*row_keys, "task"] or (v, k) == ("chosen", "task")]
+        bad = [k for k, v in conds.items() if not v or k not in [*row_keys, "task"] or (k == "task" and v == "chosen")]
         if bad:
             raise SystemExit(f"error: --baseline {spec}: expected KEY=VALUE over the group-by keys "
                              f"({', '.join([*row_keys, 'task'])}), e.g. --baseline method=lora")
@@ -196,7 +196,7 @@ def paired(runs: list[dict], group_by: list[str], baselines: list[str], metric: 
     rest = lambda row, k, t: (*(x for o, x in zip(row_keys, row) if o != k), t)  # noqa: E731  the row without k
 
     def matches(c, row, t):
-        return all(row[index[k]] == chosen[k].get(rest(row, k, t)) if v == "chosen" else
+        return all(rest(row, k, t) in chosen[k] and row[index[k]] == chosen[k][rest(row, k, t)] if v == "chosen" else
                    str(t if k == "task" else row[index[k]]) == v for k, v in c.items())
     base = {}
     for t in tasks:
@@ -497,8 +497,8 @@ def main(argv=None) -> None:
                    help="also write paired.md: every row minus this row per task over shared seeds, paired t-test p "
                         "(e.g. method=lora,trainer.lr=0.0003; repeat with task=... for a per-task baseline)")
     p.add_argument("--chosen-on", action="append", default=[], metavar="KEY=VALUE",
-                   help="the runs a baseline's KEY=chosen is chosen on, e.g. the seed the grid ran on: "
-                        "--chosen-on trainer.seed=0; repeatable (default: every run)")
+                   help="the runs whose validation means choose (--choose, a baseline's KEY=chosen), e.g. the seed "
+                        "the grid ran on: --chosen-on trainer.seed=0; repeatable (default: every run)")
     p.add_argument("--stages", type=Path, default=None, metavar="DIR",
                    help="root is one scheduler run: write its per-stage table and plot (stages.md, stages.png) to DIR")
     a = p.parse_args(argv)
@@ -519,7 +519,10 @@ def main(argv=None) -> None:
     if a.choose:
         if a.baseline:
             raise SystemExit("error: --baseline compares the table's rows; run it without --choose")
-        text, _ = choose(runs, a.choose, a.metric, group_by, on=matching(runs, a.chosen_on, "--chosen-on"))
+        on = matching(runs, a.chosen_on, "--chosen-on")
+        if not on:
+            raise SystemExit(f"error: --chosen-on {' and '.join(a.chosen_on)} matches no completed run")
+        text, _ = choose(runs, a.choose, a.metric, group_by, on=on)
         if a.out:
             a.out.mkdir(parents=True, exist_ok=True)
             (a.out / "choice.md").write_text(text)
