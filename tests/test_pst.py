@@ -12,7 +12,7 @@ from sparse_peft import UserError
 from sparse_peft.config import load_run_config
 from sparse_peft.export import export
 from sparse_peft.methods import build_method
-from sparse_peft.methods.pst import Level, PstConfig, PstLinear, pst_modules, topk_mask
+from sparse_peft.methods.pst import Level, PstConfig, PstLinear, kth_smallest, pst_modules, topk_mask
 from sparse_peft.models import build_model, load_tokenizer
 from sparse_peft.schedulers import plan
 from sparse_peft.tasks import build_task
@@ -78,6 +78,16 @@ def test_topk_mask_prunes_the_lowest_scores_even_with_ties():
     mask = topk_mask(s, 0.5)  # 3 of 6 zeroed: the lowest scores, ties at 0 broken exactly
     assert int((~mask).sum()) == 3 and mask[0, 0] and mask[1, 1] and mask[1, 2]
     assert topk_mask(s, 0.1) is None  # int(6 * 0.1) == 0: nothing pruned
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_kth_smallest_is_torch_kthvalue(dtype):
+    g = torch.Generator().manual_seed(0)
+    for flat in (torch.randn(1537, generator=g), torch.randint(0, 5, (300,), generator=g).float()):  # ties too
+        flat = flat.to(dtype)
+        for k in (1, 2, len(flat) // 2, len(flat) - 1, len(flat)):
+            got = kth_smallest(flat, k)
+            assert got.dtype == dtype and got.dim() == 0 and torch.equal(got, flat.kthvalue(k).values)
 
 
 def test_cubic_schedule_is_its_formula():

@@ -1,0 +1,90 @@
+"""The top-k mask's selection on CPU: sparse_peft's `kth_smallest` (numpy's introselect) vs `torch.kthvalue`.
+
+1. The selection alone, on |randn| scores of minilm's map shapes at sparsity 0.5 and 0.9: median milliseconds of
+   each, interleaved, and whether both return the same value.
+2. The train step of PST and of magnitude pruning (sparsity 0.9 from step 0, scheduler none) on the fixed first
+   batch of `--task` (CoLA's short sentences: the mask is a large share of the step there), built and stepped by
+   train.py's code, once with `kth_smallest` and once with `torch.kthvalue` patched in: both builds start from the
+   same seed and each step reseeds dropout, so their losses must agree exactly (`identical_losses`); the step
+   ratio is side by side.
+
+  SPARSE_PEFT_DATA=/work/shared/data python benchmarks/pst_mask.py --threads 1 --out benchmarks/results/pst_mask.json
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+import sparse_peft.methods.pst as pst
+from _common import (add_timing_args, base_args, build_ours, emit, environment, first_train_batch, load_data, median,
+                     ratio_report, run_config, setup, time_interleaved, train_step)
+
+SHAPES = [(384, 384), (1536, 384), (384, 1536)]  # minilm's q/k/v/attn_out, ffn_in, ffn_out
+FAST = pst.kth_smallest
+SELECTORS = {"kth_smallest": FAST, "torch_kthvalue": lambda flat, k: flat.kthvalue(k).values}
+GOAL = 0.9  # kth_smallest / torch_kthvalue, PST step seconds
+
+
+def timed(fn):
+    def call() -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    return call
+
+
+def selection(args) -> list[dict]:
+    rows = []
+    for shape in SHAPES:
+        for sparsity in (0.5, 0.9):
+            flat = torch.randn(shape).abs().flatten()
+            k = int(flat.numel() * sparsity)
+            times = time_interleaved({name: timed(lambda f=f: f(flat, k)) for name, f in SELECTORS.items()},
+                                     steps=args.steps, warmup=2, block=5)
+            ms = {name: median(ts) * 1e3 for name, ts in times.items()}
+            rows.append({"shape": list(shape), "sparsity": sparsity, **{f"{n}_ms": round(v, 3) for n, v in ms.items()},
+                         "ratio": ms["kth_smallest"] / ms["torch_kthvalue"],
+                         "same_value": bool(SELECTORS["kth_smallest"](flat, k) == flat.kthvalue(k).values)})
+    return rows
+
+
+def step(method: str, args) -> dict:
+    run = run_config([f"method={method}", "method.sparsity=0.9", "scheduler=none", f"task={args.task}"], args)
+    data, task, tok = load_data(run)
+    batch = first_train_batch(data, run.trainer.batch_size, args.seed)
+    built = {name: build_ours(run, data, task, tok, args.seed) for name in SELECTORS}
+    losses, counters = {name: [] for name in SELECTORS}, {name: 0 for name in SELECTORS}
+
+    def stepper(name):
+        def call() -> float:
+            pst.kth_smallest = SELECTORS[name]  # topk_mask looks it up at call time
+            torch.manual_seed(counters[name])  # the same dropout draws for both at each step
+            t0 = time.perf_counter()
+            losses[name].append(train_step(*built[name], batch, run, counters[name]))
+            counters[name] += 1
+            return time.perf_counter() - t0
+        return call
+
+    try:
+        times = time_interleaved({name: stepper(name) for name in SELECTORS}, args.steps, args.warmup, args.block)
+    finally:
+        pst.kth_smallest = FAST
+    return {**ratio_report(times, "kth_smallest", "torch_kthvalue", GOAL),
+            "batch_shape": list(batch["input_ids"].shape),
+            "identical_losses": losses["kth_smallest"] == losses["torch_kthvalue"]}
+
+
+def main() -> None:
+    p = base_args(__doc__.splitlines()[0])
+    add_timing_args(p, steps=20, warmup=3, block=5)
+    p.add_argument("--task", default="glue/cola")
+    args = p.parse_args()
+    setup(args)
+    emit({"benchmark": "pst_mask", "model": "minilm", "task": args.task, "steps": args.steps, "warmup": args.warmup,
+          "block": args.block, "selection": selection(args), "pst_step": step("pst", args),
+          "magnitude_step": step("magnitude", args), "env": environment(args), "note": args.note}, args.out)
+
+
+if __name__ == "__main__":
+    main()
