@@ -86,10 +86,11 @@ def train_step(model, method, optimizer, scheduler, batch, run, step: int) -> fl
     return value
 
 
-def time_train_steps(built: dict, runs: dict, batch: dict, args) -> tuple[dict, dict, dict]:
+def time_train_steps(built: dict, runs: dict, batch: dict, args, before=None) -> tuple[dict, dict, dict]:
     """Seconds of each built variant's train step on the same batch, interleaved (`time_interleaved`), the losses
     of every step, and each variant's step function (one more step, returning its seconds).
-    `built[name]` = (model, method, optimizer, scheduler)."""
+    `built[name]` = (model, method, optimizer, scheduler); `before(name, step)`, if given, runs untimed before
+    each step (to patch in the variant's code or reseed)."""
     losses = {name: [] for name in built}
     counters = {name: 0 for name in built}
 
@@ -97,6 +98,8 @@ def time_train_steps(built: dict, runs: dict, batch: dict, args) -> tuple[dict, 
         model, method, optimizer, scheduler = built[name]
 
         def step() -> float:
+            if before is not None:
+                before(name, counters[name])
             t0 = time.perf_counter()
             losses[name].append(train_step(model, method, optimizer, scheduler, batch, runs[name], counters[name]))
             counters[name] += 1

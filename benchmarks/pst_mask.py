@@ -18,7 +18,7 @@ import torch
 
 import sparse_peft.methods.pst as pst
 from _common import (add_timing_args, base_args, build_ours, emit, environment, first_train_batch, load_data, median,
-                     ratio_report, run_config, setup, time_interleaved, train_step)
+                     ratio_report, run_config, setup, time_interleaved, time_train_steps)
 
 SHAPES = [(384, 384), (1536, 384), (384, 1536)]  # minilm's q/k/v/attn_out, ffn_in, ffn_out
 FAST = pst.kth_smallest
@@ -54,20 +54,13 @@ def step(method: str, args) -> dict:
     data, task, tok = load_data(run)
     batch = first_train_batch(data, run.trainer.batch_size, args.seed)
     built = {name: build_ours(run, data, task, tok, args.seed) for name in SELECTORS}
-    losses, counters = {name: [] for name in SELECTORS}, {name: 0 for name in SELECTORS}
 
-    def stepper(name):
-        def call() -> float:
-            pst.kth_smallest = SELECTORS[name]  # topk_mask looks it up at call time
-            torch.manual_seed(counters[name])  # the same dropout draws for both at each step
-            t0 = time.perf_counter()
-            losses[name].append(train_step(*built[name], batch, run, counters[name]))
-            counters[name] += 1
-            return time.perf_counter() - t0
-        return call
+    def before(name: str, step: int) -> None:
+        pst.kth_smallest = SELECTORS[name]  # topk_mask looks it up at call time
+        torch.manual_seed(step)  # the same dropout draws for both at each step
 
     try:
-        times = time_interleaved({name: stepper(name) for name in SELECTORS}, args.steps, args.warmup, args.block)
+        times, losses, _ = time_train_steps(built, {name: run for name in built}, batch, args, before)
     finally:
         pst.kth_smallest = FAST
     return {**ratio_report(times, "kth_smallest", "torch_kthvalue", GOAL),
