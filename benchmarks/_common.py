@@ -116,6 +116,15 @@ def step_summary(model, method, losses: list[float]) -> dict:
             "retained_params_after": method.retained_params(model), "first_loss": losses[0], "last_loss": losses[-1]}
 
 
+def timed(fn):
+    """A step for `time_interleaved`: call `fn()`, return its seconds."""
+    def call() -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    return call
+
+
 def time_interleaved(fns: dict, steps: int, warmup: int, block: int) -> dict[str, list[float]]:
     """Seconds per call of each zero-argument `fns[name]` (which returns its own timed seconds): `warmup` untimed
     calls each, then `steps` timed calls each in blocks of `block`, alternating which variant goes first."""

@@ -10,13 +10,12 @@ padding, longest first), interleaved in blocks. Also checks that the merged logi
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
 from _common import (MODEL_INPUTS, add_timing_args, base_args, emit, environment, load_data, ratio_report, run_config, setup,
-                     time_interleaved)
+                     time_interleaved, timed)
 from sparse_peft.tasks.loaders import eval_loader
 from sparse_peft.methods import build_method
 from sparse_peft.methods.sora import sora_modules
@@ -57,16 +56,15 @@ def main() -> None:
     with torch.no_grad():
         max_diff = max((merged(**b).logits - gated(**b).logits).abs().max().item() for b in batches)
 
-    def timer(model):
+    def forward_all(model):
         @torch.no_grad()
-        def call() -> float:
-            t0 = time.perf_counter()
+        def call() -> None:
             for b in batches:
                 model(**b)
-            return time.perf_counter() - t0
-        return call
+        return timed(call)
 
-    times = time_interleaved({"merged": timer(merged), "base": timer(base)}, args.steps, args.warmup, args.block)
+    times = time_interleaved({"merged": forward_all(merged), "base": forward_all(base)}, args.steps, args.warmup,
+                             args.block)
     emit({"benchmark": "merged_inference", "task": "glue/rte", "model": "minilm",
           "source": str(args.run_dir) if args.run_dir else "random gates, half zero",
           "retained_params": method.retained_params(gated), "kept_ranks": sum(method.ranks(gated).values()),

@@ -12,26 +12,16 @@
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 import sparse_peft.methods.pst as pst
 from _common import (add_timing_args, base_args, build_ours, emit, environment, first_train_batch, load_data, median,
-                     ratio_report, run_config, setup, time_interleaved, time_train_steps)
+                     ratio_report, run_config, setup, time_interleaved, time_train_steps, timed)
 
 SHAPES = [(384, 384), (1536, 384), (384, 1536)]  # minilm's q/k/v/attn_out, ffn_in, ffn_out
 FAST = pst.kth_smallest
 SELECTORS = {"kth_smallest": FAST, "torch_kthvalue": lambda flat, k: flat.kthvalue(k).values}
 GOAL = 0.9  # kth_smallest / torch_kthvalue, PST step seconds
-
-
-def timed(fn):
-    def call() -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    return call
 
 
 def selection(args) -> list[dict]:
