@@ -36,6 +36,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     progress_bar: bool = True
     num_threads: int = 0  # torch intra-op threads; 0: torch's default
+    fused_adamw: bool = True  # torch's fused AdamW kernel (same update, rounding aside); false: its per-tensor loop
     dry_run: bool = False  # print what would run (or is complete) and stop; also `--dry-run`
     CHOICES: ClassVar[dict] = {"select": ("best", "last"), "device": ("auto", "cpu", "cuda")}
 

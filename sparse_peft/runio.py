@@ -48,8 +48,10 @@ def is_completed(out: Path) -> bool:
         return False
 
 
-# Keys that cannot change a run's result: a completed run that differs only in these is the same run.
-VOLATILE = {"trainer": ("output_dir", "overwrite", "resume", "progress_bar", "num_threads", "dry_run", "keep_checkpoints"),
+# Keys that cannot change a run's result (beyond rounding, as thread counts and kernels do): a completed run that
+# differs only in these is the same run.
+VOLATILE = {"trainer": ("output_dir", "overwrite", "resume", "progress_bar", "num_threads", "fused_adamw", "dry_run",
+                        "keep_checkpoints"),
             "data": ("root", "cache_dir", "num_workers"), "logger": None}
 
 

@@ -78,6 +78,13 @@ def test_topk_mask_prunes_the_lowest_scores_even_with_ties():
     mask = topk_mask(s, 0.5)  # 3 of 6 zeroed: the lowest scores, ties at 0 broken exactly
     assert int((~mask).sum()) == 3 and mask[0, 0] and mask[1, 1] and mask[1, 2]
     assert topk_mask(s, 0.1) is None  # int(6 * 0.1) == 0: nothing pruned
+    tied = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 0.0, 3.0])
+    assert topk_mask(tied, 2 / 7).tolist() == [True, False, False, True, True, True, True]  # the first ties go
+    g = torch.Generator().manual_seed(0)
+    many = torch.randint(0, 7, (40, 30), generator=g).float()  # ties at every threshold
+    for sparsity in (0.1, 0.5, 0.9, 0.99):
+        mask, k = topk_mask(many, sparsity), int(many.numel() * sparsity)
+        assert int((~mask).sum()) == k and many[~mask].max() <= many[mask].min()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
