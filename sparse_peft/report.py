@@ -171,6 +171,24 @@ def tables(runs: list[dict], group_by: list[str], metric: str | None = None, spl
     return "\n".join(lines) + "\n"
 
 
+def seeds_table(runs: list[dict], group_by: list[str], metric: str | None = None, split: str = "eval") -> str:
+    """The values behind report.md's means: one column per seed, for each cell that ran on more than one."""
+    row_keys, rows, tasks, _, cells = summarize(runs, group_by, metric, split)
+    multi = [(row, t) for row in rows for t in tasks if len(cells.get((row, t), [])) > 1]
+    if not multi:
+        return "no cell ran on more than one seed\n"
+    seeds = sorted({r["seed"] for key in multi for r in cells[key]}, key=str)
+    lines = [f"`{split}` x100 of each seed, for the cells that ran on more than one:", "",
+             "| " + " | ".join(row_keys) + " | task | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
+             "|" + "---|" * (len(row_keys) + len(seeds) + 2)]
+    for row, t in multi:
+        values = by_seed(cells, row, t, metric, split)
+        lines.append("| " + " | ".join(map(str, row)) + f" | {t} | "
+                     + " | ".join(f"{values[s] * 100:.2f}" if s in values else "–" for s in seeds)
+                     + f" | {fmt(list(values.values()))} |")
+    return "\n".join(lines) + "\n"
+
+
 def paired(runs: list[dict], group_by: list[str], baselines: list[str], metric: str | None = None,
            split: str = "eval", chosen_on: tuple[str, ...] = ()) -> str:
     """Every row against the baseline, per task, on the seeds both ran: the mean difference (x100) and the two-sided
@@ -538,6 +556,7 @@ def main(argv=None) -> None:
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "report.md").write_text(text)
+        (a.out / "seeds.md").write_text(seeds_table(runs, group_by, a.metric, a.split))
         if pairs:
             (a.out / "paired.md").write_text(pairs)
         else:  # a table regenerated without --baseline must not sit beside an earlier run's pairing

@@ -51,6 +51,10 @@ def test_group_by_a_hyper_parameter_test_split_csv_and_plot(tmp_path, capsys):
     assert len(per_seed) == 5 and {r["seed"] for r in per_seed} == {"0", "1", "2"}
     assert (tmp_path / "rep" / "retained_vs_metric.png").stat().st_size > 1000
     assert (tmp_path / "rep" / "report.md").read_text() == out
+    seeds = (tmp_path / "rep" / "seeds.md").read_text()  # the values behind each mean, by seed
+    assert "| method | method.sparse_lambda | task | seed 0 | seed 1 | mean ± std |" in seeds  # seed 2: 1.0 only
+    assert "| sora | 0.1 | rte | 50.00 | 70.00 | 60.00 ± 14.14 (n=2) |" in seeds
+    assert "| sora | 0.1 | mrpc | 40.00 | 60.00 |" in seeds and "| sora | 1.0 |" not in seeds  # one seed: no row
 
 
 def test_the_average_needs_the_same_seeds_in_every_task(tmp_path, capsys):
