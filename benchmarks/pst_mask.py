@@ -1,4 +1,4 @@
-"""The top-k mask's selection on CPU: sparse_peft's `kth_smallest` (numpy's introselect) vs `torch.kthvalue`.
+"""The top-k mask on CPU: its selection (`kth_smallest`, numpy's introselect, vs `torch.kthvalue`) and its dtype.
 
 1. The selection alone, on |randn| scores of minilm's map shapes at sparsity 0.5 and 0.9: median milliseconds of
    each, interleaved, and whether both return the same value.
@@ -7,6 +7,8 @@
    train.py's code, once with `kth_smallest` and once with `torch.kthvalue` patched in: both builds start from the
    same seed and each step reseeds dropout, so their losses must agree exactly (`identical_losses`); the step
    ratio is side by side.
+3. The same two steps with the training mask as 0/1 in the weight's dtype (`masked` multiplies; the code's) vs a
+   bool mask (`masked` calls torch.where), patched in the same way (`*_step_mask_dtype`).
 
   SPARSE_PEFT_DATA=/work/shared/data python benchmarks/pst_mask.py --threads 1 --out benchmarks/results/pst_mask.json
 """
@@ -22,6 +24,12 @@ SHAPES = [(384, 384), (1536, 384), (384, 1536)]  # minilm's q/k/v/attn_out, ffn_
 FAST = pst.kth_smallest
 SELECTORS = {"kth_smallest": FAST, "torch_kthvalue": lambda flat, k: flat.kthvalue(k).values}
 GOAL = 0.9  # kth_smallest / torch_kthvalue, PST step seconds
+TOPK = pst.topk_mask
+# the step's 0/1 mask in the weight's dtype (masked() multiplies) vs a bool mask (masked() uses torch.where)
+MASKS = {"float_mask": {"topk_mask": TOPK},
+         "bool_mask": {"topk_mask": lambda s, sparsity, dtype=None: TOPK(s, sparsity)}}
+MASK_GOAL = 0.95  # float_mask / bool_mask, step seconds
+METHODS = ("pst", "magnitude")
 
 
 def selection(args) -> list[dict]:
@@ -39,23 +47,28 @@ def selection(args) -> list[dict]:
     return rows
 
 
-def step(method: str, args) -> dict:
+def step(method: str, args, variants: dict[str, dict], goal: float) -> dict:
+    """The train step with each variant's functions patched into sparse_peft.methods.pst (the first variant is the
+    code's own), both built from one seed, dropout reseeded per step: the losses must agree exactly."""
     run = run_config([f"method={method}", "method.sparsity=0.9", "scheduler=none", f"task={args.task}"], args)
     data, task, tok = load_data(run)
     batch = first_train_batch(data, run.trainer.batch_size, args.seed)
-    built = {name: build_ours(run, data, task, tok, args.seed) for name in SELECTORS}
+    built = {name: build_ours(run, data, task, tok, args.seed) for name in variants}
+    own = {attr: getattr(pst, attr) for fns in variants.values() for attr in fns}
 
     def before(name: str, step: int) -> None:
-        pst.kth_smallest = SELECTORS[name]  # topk_mask looks it up at call time
+        for attr, fn in variants[name].items():
+            setattr(pst, attr, fn)  # looked up at call time
         torch.manual_seed(step)  # the same dropout draws for both at each step
 
     try:
         times, losses, _ = time_train_steps(built, {name: run for name in built}, batch, args, before)
     finally:
-        pst.kth_smallest = FAST
-    return {**ratio_report(times, "kth_smallest", "torch_kthvalue", GOAL),
-            "batch_shape": list(batch["input_ids"].shape),
-            "identical_losses": losses["kth_smallest"] == losses["torch_kthvalue"]}
+        for attr, fn in own.items():
+            setattr(pst, attr, fn)
+    ours, other = variants
+    return {**ratio_report(times, ours, other, goal), "batch_shape": list(batch["input_ids"].shape),
+            "identical_losses": losses[ours] == losses[other]}
 
 
 def main() -> None:
@@ -65,8 +78,10 @@ def main() -> None:
     args = p.parse_args()
     setup(args)
     emit({"benchmark": "pst_mask", "model": "minilm", "task": args.task, "steps": args.steps, "warmup": args.warmup,
-          "block": args.block, "selection": selection(args), "pst_step": step("pst", args),
-          "magnitude_step": step("magnitude", args), "env": environment(args), "note": args.note}, args.out)
+          "block": args.block, "selection": selection(args),
+          **{f"{m}_step": step(m, args, {n: {"kth_smallest": f} for n, f in SELECTORS.items()}, GOAL) for m in METHODS},
+          **{f"{m}_step_mask_dtype": step(m, args, MASKS, MASK_GOAL) for m in METHODS},
+          "env": environment(args), "note": args.note}, args.out)
 
 
 if __name__ == "__main__":

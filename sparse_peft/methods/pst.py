@@ -81,8 +81,11 @@ def score(w, A, B, R, C, alpha1: float, alpha2: float) -> torch.Tensor:
 
 
 def masked(t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """t where the mask keeps, 0 elsewhere (no float copy of the bool mask, as `t * mask` would make)."""
-    return t if mask is None else torch.where(mask, t, 0.0)
+    """t where the mask keeps, 0 elsewhere; a 0/1 mask in t's dtype multiplies (the training step's: on CPU a bool
+    `where` takes ~4x a float product, benchmarks/pst_mask.py)."""
+    if mask is None:
+        return t
+    return torch.where(mask, t, 0.0) if mask.dtype == torch.bool else t * mask
 
 
 def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -94,32 +97,33 @@ def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     return flat.kthvalue(k).values
 
 
-def topk_mask(s: torch.Tensor, sparsity: float) -> Optional[torch.Tensor]:
-    """Bool (out, in): False on exactly the int(numel * sparsity) lowest scores (of scores tied at the threshold, the
-    first in index order); None when nothing is pruned."""
+def topk_mask(s: torch.Tensor, sparsity: float, dtype: torch.dtype = torch.bool) -> Optional[torch.Tensor]:
+    """(out, in) of `dtype`: 0 (False) on exactly the int(numel * sparsity) lowest scores (of scores tied at the
+    threshold, the first in index order), 1 (True) elsewhere; None when nothing is pruned."""
     n = s.numel()
     k = int(n * sparsity)
     if k == 0:
         return None
     flat = s.flatten()
     threshold = kth_smallest(flat, k)
-    mask = flat > threshold
-    extra = n - int(torch.count_nonzero(mask)) - k  # ties at the threshold pruned beyond k: keep the last of them
+    mask = torch.gt(flat, threshold, out=torch.empty(n, dtype=dtype, device=s.device))
+    kept = int(mask.sum()) if mask.is_floating_point() and n <= 2 ** 24 else int(torch.count_nonzero(mask))  # exact
+    extra = n - kept - k  # ties at the threshold pruned beyond k: keep the last of them
     if extra:  # (|W| ties often in a large matrix; a topk over the whole matrix here cost a tenth of a step)
         tied = (flat == threshold).nonzero().squeeze(1)
-        mask[tied[-extra:]] = True
+        mask[tied[-extra:]] = 1
     return mask.view_as(s)
 
 
 class SparseLinearFn(torch.autograd.Function):
-    """y = x (M * W')^T + b with M computed here from the score. Saved for backward: x and the bool mask (1 byte per
-    weight, this step only); W' is recomputed from W, U, V rather than kept, so no dense float copy of the weight
-    outlives the forward."""
+    """y = x (M * W')^T + b with M computed here from the score. Saved for backward: x and the 0/1 mask in the
+    weight's dtype (this step only; bool would take a quarter of the bytes, but its ops run ~4x slower on CPU); W' is
+    recomputed from W, U, V rather than kept, so no copy of the weight outlives the forward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, U, V, A, B, R, C, sparsity, beta, alpha1, alpha2):
         w = merged_weight(weight, U, V, beta)
-        mask = topk_mask(score(w, A, B, R, C, alpha1, alpha2), sparsity)
+        mask = topk_mask(score(w, A, B, R, C, alpha1, alpha2), sparsity, w.dtype)
         ctx.save_for_backward(x, mask, weight, U, V, A, B)
         ctx.consts = (beta, alpha1, alpha2)
         return F.linear(x, masked(w, mask), bias)
