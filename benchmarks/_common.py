@@ -110,6 +110,39 @@ def time_train_steps(built: dict, runs: dict, batch: dict, args, before=None) ->
     return time_interleaved(steppers, args.steps, args.warmup, args.block), losses, steppers
 
 
+def compare_steps(runs: dict, args, goal: float, patch=None) -> tuple[dict, dict]:
+    """Two variants' train step (`runs`: name -> run config; the first is the code's own) on the fixed first batch
+    of the first run's task, each built from `args.seed` and stepped by train.py's code with dropout reseeded per
+    step, interleaved; `patch(name)`, if given, runs untimed before each step of `name`. Returns first / second
+    (`ratio_report` against `goal`) with how far the two runs' losses drift apart, and the built variants."""
+    first = next(iter(runs.values()))
+    data, task, tok = load_data(first)
+    batch = first_train_batch(data, first.trainer.batch_size, args.seed)
+    built = {name: build_ours(run, data, task, tok, args.seed) for name, run in runs.items()}
+
+    def before(name: str, step: int) -> None:
+        if patch is not None:
+            patch(name)
+        torch.manual_seed(step)  # the same dropout draws for both at each step
+
+    times, losses, _ = time_train_steps(built, runs, batch, args, before)
+    a, b = runs
+    return {**ratio_report(times, a, b, goal), "batch_shape": list(batch["input_ids"].shape),
+            "identical_losses": losses[a] == losses[b],
+            "max_loss_difference": max(abs(x - y) for x, y in zip(losses[a], losses[b]))}, built
+
+
+def step_args(description: str):
+    """The parsed common options of a step comparison (timing, `--task`, CoLA by default: short sentences, where the
+    per-weight work is a large share of the step), applied (threads, seed)."""
+    p = base_args(description)
+    add_timing_args(p, steps=20, warmup=3, block=5)
+    p.add_argument("--task", default="glue/cola")
+    args = p.parse_args()
+    setup(args)
+    return args
+
+
 def step_summary(model, method, losses: list[float]) -> dict:
     """Parameter counts and first/last loss of a timed variant."""
     return {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

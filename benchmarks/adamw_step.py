@@ -9,10 +9,7 @@ step ratio it reports how far the two runs drift apart (largest loss and paramet
 """
 from __future__ import annotations
 
-import torch
-
-from _common import (add_timing_args, base_args, build_ours, emit, environment, first_train_batch, load_data,
-                     ratio_report, run_config, setup, time_train_steps)
+from _common import compare_steps, emit, environment, run_config, step_args
 
 METHODS = {"full": ["trainer.lr=5e-5", "trainer.weight_decay=0.01"],  # configs/experiment/pst_glue.yaml's presets
            "magnitude": ["method.sparsity=0.9", "trainer.lr=5e-5", "trainer.weight_decay=0.01"],
@@ -23,26 +20,16 @@ GOALS = {"full": 0.9, "magnitude": 0.9, "pst": 1.02}  # fused / loop step second
 def compare(method: str, args) -> dict:
     runs = {kind: run_config([f"method={method}", f"task={args.task}", "scheduler=none", *METHODS[method],
                               f"trainer.fused_adamw={kind == 'fused'}"], args) for kind in ("fused", "loop")}
-    data, task, tok = load_data(runs["fused"])
-    batch = first_train_batch(data, runs["fused"].trainer.batch_size, args.seed)
-    built = {kind: build_ours(run, data, task, tok, args.seed) for kind, run in runs.items()}
-    assert built["fused"][2].defaults["fused"] and not built["loop"][2].defaults["fused"]
-    times, losses, _ = time_train_steps(built, runs, batch, args, before=lambda kind, step: torch.manual_seed(step))
-    (a, *_), (b, *_) = built["fused"], built["loop"]
-    drift = max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters()))
-    return {**ratio_report(times, "fused", "loop", GOALS[method]),
-            "batch_shape": list(batch["input_ids"].shape), "lr": runs["fused"].trainer.lr,
+    report, built = compare_steps(runs, args, GOALS[method])
+    (a, _, optimizer, _), (b, *_) = built["fused"], built["loop"]
+    assert optimizer.defaults["fused"] and not built["loop"][2].defaults["fused"]
+    return {**report, "lr": runs["fused"].trainer.lr,
             "trainable_params": sum(p.numel() for p in a.parameters() if p.requires_grad),
-            "max_loss_difference": max(abs(x - y) for x, y in zip(losses["fused"], losses["loop"])),
-            "max_parameter_difference": drift}
+            "max_parameter_difference": max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters()))}
 
 
 def main() -> None:
-    p = base_args(__doc__.splitlines()[0])
-    add_timing_args(p, steps=20, warmup=3, block=5)
-    p.add_argument("--task", default="glue/cola")
-    args = p.parse_args()
-    setup(args)
+    args = step_args(__doc__.splitlines()[0])
     emit({"benchmark": "adamw_step", "model": "minilm", "task": args.task, "steps": args.steps, "warmup": args.warmup,
           "block": args.block, **{m: compare(m, args) for m in METHODS}, "env": environment(args), "note": args.note},
          args.out)

@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 
 import sparse_peft.methods.pst as pst
-from _common import (add_timing_args, base_args, build_ours, emit, environment, first_train_batch, load_data, median,
-                     ratio_report, run_config, setup, time_interleaved, time_train_steps, timed)
+from _common import compare_steps, emit, environment, median, run_config, step_args, time_interleaved, timed
 
 SHAPES = [(384, 384), (1536, 384), (384, 1536)]  # minilm's q/k/v/attn_out, ffn_in, ffn_out
 FAST = pst.kth_smallest
@@ -49,34 +48,23 @@ def selection(args) -> list[dict]:
 
 def step(method: str, args, variants: dict[str, dict], goal: float) -> dict:
     """The train step with each variant's functions patched into sparse_peft.methods.pst (the first variant is the
-    code's own), both built from one seed, dropout reseeded per step: the losses must agree exactly."""
+    code's own): the losses must agree exactly."""
     run = run_config([f"method={method}", "method.sparsity=0.9", "scheduler=none", f"task={args.task}"], args)
-    data, task, tok = load_data(run)
-    batch = first_train_batch(data, run.trainer.batch_size, args.seed)
-    built = {name: build_ours(run, data, task, tok, args.seed) for name in variants}
     own = {attr: getattr(pst, attr) for fns in variants.values() for attr in fns}
 
-    def before(name: str, step: int) -> None:
+    def patch(name: str) -> None:
         for attr, fn in variants[name].items():
             setattr(pst, attr, fn)  # looked up at call time
-        torch.manual_seed(step)  # the same dropout draws for both at each step
 
     try:
-        times, losses, _ = time_train_steps(built, {name: run for name in built}, batch, args, before)
+        return compare_steps({name: run for name in variants}, args, goal, patch)[0]
     finally:
         for attr, fn in own.items():
             setattr(pst, attr, fn)
-    ours, other = variants
-    return {**ratio_report(times, ours, other, goal), "batch_shape": list(batch["input_ids"].shape),
-            "identical_losses": losses[ours] == losses[other]}
 
 
 def main() -> None:
-    p = base_args(__doc__.splitlines()[0])
-    add_timing_args(p, steps=20, warmup=3, block=5)
-    p.add_argument("--task", default="glue/cola")
-    args = p.parse_args()
-    setup(args)
+    args = step_args(__doc__.splitlines()[0])
     emit({"benchmark": "pst_mask", "model": "minilm", "task": args.task, "steps": args.steps, "warmup": args.warmup,
           "block": args.block, "selection": selection(args),
           **{f"{m}_step": step(m, args, {n: {"kth_smallest": f} for n, f in SELECTORS.items()}, GOAL) for m in METHODS},
