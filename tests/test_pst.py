@@ -85,7 +85,8 @@ def test_topk_mask_prunes_the_lowest_scores_even_with_ties():
     for sparsity in (0.1, 0.5, 0.9, 0.99):
         mask, k = topk_mask(many, sparsity), int(many.numel() * sparsity)
         assert int((~mask).sum()) == k and many[~mask].max() <= many[mask].min()
-        assert torch.equal(topk_mask(many, sparsity, torch.float32), mask.float())  # the training step's 0/1 form
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):  # the training step's 0/1 form, counted exactly
+            assert torch.equal(topk_mask(many.to(dtype), sparsity, dtype), mask.to(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
