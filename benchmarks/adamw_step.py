@@ -1,6 +1,6 @@
 """The train step with torch's fused AdamW (`trainer.fused_adamw=true`, the default) vs its per-tensor loop (false,
-torch's default on CPU and what runs before 2026-12-06 used), for full fine-tuning, magnitude pruning and PST
-(sparsity 0.9 from step 0, scheduler none) at the pst_glue experiment's preset lr and weight decay, on the fixed
+torch's default on CPU and what runs made before commit a55b468 used), for full fine-tuning, magnitude pruning and
+PST (sparsity 0.9 from step 0, scheduler none) at the pst_glue experiment's preset lr and weight decay, on the fixed
 first batch of `--task` (CoLA's short sentences: the per-parameter update is a large share of the step there). Each
 pair is built from one seed and stepped by train.py's code with dropout reseeded per step, interleaved; besides the
 step ratio it reports how far the two runs drift apart (largest loss and parameter differences after the steps).
