@@ -177,7 +177,7 @@ def seeds_table(runs: list[dict], group_by: list[str], metric: str | None = None
     multi = [(row, t) for row in rows for t in tasks if len(cells.get((row, t), [])) > 1]
     if not multi:
         return "no cell ran on more than one seed\n"
-    seeds = sorted({r["seed"] for key in multi for r in cells[key]}, key=str)
+    seeds = sorted({r["seed"] for key in multi for r in cells[key]})
     lines = [f"`{split}` x100 of each seed, for the cells that ran on more than one:", "",
              "| " + " | ".join(row_keys) + " | task | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
              "|" + "---|" * (len(row_keys) + len(seeds) + 2)]

@@ -57,6 +57,15 @@ def test_group_by_a_hyper_parameter_test_split_csv_and_plot(tmp_path, capsys):
     assert "| sora | 0.1 | mrpc | 40.00 | 60.00 |" in seeds and "| sora | 1.0 |" not in seeds  # one seed: no row
 
 
+def test_seeds_md_lists_the_seeds_in_numeric_order(tmp_path):
+    for seed, value in ((100, 0.6), (21, 0.7), (0, 0.8)):
+        write_run(tmp_path / "runs" / str(seed), "lora", "rte", seed, value)
+    main([str(tmp_path / "runs"), "--out", str(tmp_path / "rep")])
+    seeds = (tmp_path / "rep" / "seeds.md").read_text()
+    assert "| method | task | seed 0 | seed 21 | seed 100 | mean ± std |" in seeds  # as runs.csv orders them
+    assert "| lora | rte | 80.00 | 70.00 | 60.00 | 70.00 ± 10.00 (n=3) |" in seeds
+
+
 def test_the_average_needs_the_same_seeds_in_every_task(tmp_path, capsys):
     """A 3-seed MRPC mean beside a 1-seed RTE value is no paper average: the row averages the seed both ran."""
     for seed, value in ((0, 0.8), (21, 0.9), (42, 0.7)):
