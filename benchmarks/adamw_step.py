@@ -21,8 +21,8 @@ def compare(method: str, args) -> dict:
     runs = {kind: run_config([f"method={method}", f"task={args.task}", "scheduler=none", *METHODS[method],
                               f"trainer.fused_adamw={kind == 'fused'}"], args) for kind in ("fused", "loop")}
     report, built = compare_steps(runs, args, GOALS[method])
-    (a, _, optimizer, _), (b, *_) = built["fused"], built["loop"]
-    assert optimizer.defaults["fused"] and not built["loop"][2].defaults["fused"]
+    (a, _, fused, _), (b, _, loop, _) = built["fused"], built["loop"]
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
     return {**report, "lr": runs["fused"].trainer.lr,
             "trainable_params": sum(p.numel() for p in a.parameters() if p.requires_grad),
             "max_parameter_difference": max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters()))}

@@ -128,13 +128,11 @@ def fit(run, task, data, model, method, plan: Plan, out: Path, world: World, dev
 def build_optimizer(model, method, run, plan: Plan):
     """AdamW over the method's parameter groups; linear warmup then linear decay to 0 in every stage."""
     t = run.trainer
+    # Fused: one kernel per tensor instead of torch's default loop of ~8 ops on CPU (fused=None), which took a fifth
+    # of a full fine-tuning step (benchmarks/adamw_step.py); the same update up to rounding. A resumed run keeps the
+    # kernel it started with (load_state_dict restores the group's flags).
     groups = method.param_groups(model, t.lr, t.weight_decay)
-    # Fused: one kernel per tensor instead of torch's default loop of ~8 ops on CPU, which took a fifth of a full
-    # fine-tuning step (benchmarks/adamw_step.py); the same update up to rounding. A resumed run keeps the kernel it
-    # started with (load_state_dict restores the group's flags).
-    fused = t.fused_adamw and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
-                                  for g in groups for p in g["params"])
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, fused=fused or None)
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, fused=t.fused_adamw or None)
     return optimizer, lr_schedule(optimizer, plan.stages, t.warmup_ratio, run.scheduler.restart_lr)
 
 
