@@ -330,7 +330,9 @@ def convergence(curves: list[tuple[dict, list]], group_by: list[str]) -> str:
              "best of the last third of the evaluations minus best of those before (small or negative: the curve "
              "had flattened by the end of the budget).", "",
              f"| {' | '.join(keys)} | per evaluation | best (epoch) | last-third gain |", "|" + "---|" * (len(keys) + 3)]
-    for r, curve in sorted(curves, key=lambda rc: tuple(str(key_value(rc[0], k)) for k in keys)):
+    # the row keys as text (mixed types), then seeds in numeric order, as seeds.md and runs.csv
+    for r, curve in sorted(curves, key=lambda rc: (tuple(str(key_value(rc[0], k)) for k in keys[:-1]),
+                                                   rc[0]["seed"])):
         values = [v * 100 for _, v in curve]
         best = max(range(len(values)), key=values.__getitem__)
         last = max(1, len(values) // 3)

@@ -102,7 +102,8 @@ def test_a_multi_task_run_gets_a_column_per_task(tmp_path, capsys):
 def test_convergence_shows_each_runs_validation_curve_and_the_last_thirds_gain(tmp_path):
     """convergence.md: every evaluation's validation metric, the best and its epoch, and the last third's best
     minus the best before it (a rising curve gains, a flat one does not); validation_curves.png beside it."""
-    for name, seed, curve in (("rising", 0, [0.5, 0.6, 0.7, 0.8]), ("flat", 1, [0.8, 0.82, 0.81, 0.81])):
+    for name, seed, curve in (("rising", 0, [0.5, 0.6, 0.7, 0.8]), ("flat", 1, [0.8, 0.82, 0.81, 0.81]),
+                              ("late", 100, [0.6, 0.6, 0.6, 0.6]), ("mid", 21, [0.6, 0.6, 0.6, 0.6])):
         d = tmp_path / "runs" / name
         write_run(d, "lora", "rte", seed, max(curve))
         (d / "curve.jsonl").write_text("".join(
@@ -113,6 +114,7 @@ def test_convergence_shows_each_runs_validation_curve_and_the_last_thirds_gain(t
     text = (tmp_path / "rep" / "convergence.md").read_text()
     assert "| lora | rte | 0 | 50.00 60.00 70.00 80.00 | 80.00 (4) | +10.00 |" in text
     assert "| lora | rte | 1 | 80.00 82.00 81.00 81.00 | 82.00 (2) | -1.00 |" in text
+    assert text.index("| lora | rte | 21 |") < text.index("| lora | rte | 100 |")  # seeds in numeric order
     assert (tmp_path / "rep" / "validation_curves.png").stat().st_size > 1000
 
 
