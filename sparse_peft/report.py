@@ -86,6 +86,11 @@ def key_value(run: dict, key: str):
     return node
 
 
+def run_order(keys: list[str]):
+    """Sort key for runs: `keys` as text (their values' types mix), then the seed in numeric order."""
+    return lambda run: (tuple(str(key_value(run, k)) for k in keys), run["seed"])
+
+
 def metric_of(run: dict, metric: str | None, split: str):
     scores = run.get(split) or {}
     return scores.get(metric or run["selection_metric"])
@@ -268,7 +273,7 @@ def write_csvs(runs: list[dict], group_by: list[str], metric: str | None, split:
         w = csv.writer(f)
         w.writerow([*row_keys, "task", "seed", "metric", "eval", "test", "retained_params", "trainable_params",
                     "total_params", "steps", "train_time_s", "peak_memory_mb", "dir"])
-        for r in sorted(runs, key=lambda r: (str([key_value(r, k) for k in row_keys]), r["task"], r["seed"])):
+        for r in sorted(runs, key=run_order([*row_keys, "task"])):
             name = metric or r["selection_metric"]
             w.writerow([*(key_value(r, k) for k in row_keys), r["task"], r["seed"], name, (r.get("eval") or {}).get(name),
                         (r.get("test") or {}).get(name), r["retained_params"], r["trainable_params"],
@@ -330,9 +335,8 @@ def convergence(curves: list[tuple[dict, list]], group_by: list[str]) -> str:
              "best of the last third of the evaluations minus best of those before (small or negative: the curve "
              "had flattened by the end of the budget).", "",
              f"| {' | '.join(keys)} | per evaluation | best (epoch) | last-third gain |", "|" + "---|" * (len(keys) + 3)]
-    # the row keys as text (mixed types), then seeds in numeric order, as seeds.md and runs.csv
-    for r, curve in sorted(curves, key=lambda rc: (tuple(str(key_value(rc[0], k)) for k in keys[:-1]),
-                                                   rc[0]["seed"])):
+    order = run_order(keys[:-1])
+    for r, curve in sorted(curves, key=lambda rc: order(rc[0])):
         values = [v * 100 for _, v in curve]
         best = max(range(len(values)), key=values.__getitem__)
         last = max(1, len(values) // 3)

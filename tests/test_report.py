@@ -64,6 +64,7 @@ def test_seeds_md_lists_the_seeds_in_numeric_order(tmp_path):
     seeds = (tmp_path / "rep" / "seeds.md").read_text()
     assert "| method | task | seed 0 | seed 21 | seed 100 | mean ± std |" in seeds  # as runs.csv orders them
     assert "| lora | rte | 80.00 | 70.00 | 60.00 | 70.00 ± 10.00 (n=3) |" in seeds
+    assert [r["seed"] for r in csv.DictReader(open(tmp_path / "rep" / "runs.csv"))] == ["0", "21", "100"]
 
 
 def test_the_average_needs_the_same_seeds_in_every_task(tmp_path, capsys):
