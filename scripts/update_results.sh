@@ -4,7 +4,7 @@
 # tables and plots with the report command into results/tables/<name>/ (<name>: the set's last path part) and
 # paste report.md between the `<!-- <name>:start/end -->` markers of README.md and results/README.md.
 # Usage: bash scripts/update_results.sh [sets...]   (default: every set in DEFAULT_SETS)
-set -eu
+set -euo pipefail
 cd "$(dirname "$0")/.."
 DEFAULT_SETS="baselines experiments/sora_glue experiments/sora_glue_gpu experiments/sora_ablation experiments/sora_scheduler
   experiments/commonsense_smollm2 experiments/ist_glue experiments/ist_glue_lr
@@ -70,6 +70,17 @@ for set in ${*:-$DEFAULT_SETS}; do
       python -m sparse_peft.report "results/$set" --split test --out "$tables" > /dev/null ;;
     *) python -m sparse_peft.report "results/$set" --out "$tables" > /dev/null ;;
   esac
+  if [ "$name" = pst_glue ]; then  # paired_magnitude.md: PST's gaps to magnitude pruning at each sparsity, unrounded
+    for split in test eval; do
+      out=$tables; [ $split = eval ] && out=$tables/validation
+      for b in magnitude magnitude_50; do  # report prints the table, then the pairing: keep the pairing
+        echo "## minus $b"; echo
+        python -m sparse_peft.report "results/$set" --split $split --group-by method,trainer.lr \
+          --baseline method=$b,trainer.lr=chosen --chosen-on trainer.seed=$grid_seed | sed -n '/^Each row minus/,$p'
+        echo
+      done > "$out/paired_magnitude.md"
+    done
+  fi
   if [ -n "$grid_seed" ]; then
     python -m sparse_peft.report "results/$set" --choose trainer.lr --chosen-on trainer.seed="$grid_seed" \
       --group-by "$grid_keys" --out "$tables" > /dev/null
