@@ -23,7 +23,8 @@ a value that answers one class on any seed is still passed over; `--where KEY=VA
 `--baseline KEY=VALUE[,KEY=VALUE]` adds `paired.md`: every row minus the baseline row per task over the seeds both
 ran, with a paired t-test's p (repeat it with `task=...` in each for a per-task baseline; values as the table prints
 them). `KEY=chosen` (e.g. `method=lora,trainer.lr=chosen`) takes, per task, the value that `--choose KEY` (with the
-same `--chosen-on`) picks: the baseline at its own rate. With `--out`, SoRA runs also get
+same `--chosen-on`) picks: the baseline at its own rate; `--paired-only` prints just that pairing (a second
+baseline's, beside paired.md). With `--out`, SoRA runs also get
 `gate_diagnostics.png`: the share of surviving ranks that were among the largest initial gates, against chance,
 and the gates that grew between evaluations (is the sparsity data-driven?).
 """
@@ -520,6 +521,8 @@ def main(argv=None) -> None:
     p.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="also write paired.md: every row minus this row per task over shared seeds, paired t-test p "
                         "(e.g. method=lora,trainer.lr=0.0003; repeat with task=... for a per-task baseline)")
+    p.add_argument("--paired-only", action="store_true",
+                   help="with --baseline: print only the pairing, write no files (a second baseline beside paired.md)")
     p.add_argument("--chosen-on", action="append", default=[], metavar="KEY=VALUE",
                    help="the runs whose validation means choose (--choose, a baseline's KEY=chosen), e.g. the seed "
                         "the grid ran on: --chosen-on trainer.seed=0; repeatable (default: every run)")
@@ -557,6 +560,11 @@ def main(argv=None) -> None:
         runs = per_task(runs, a.split)
     text = tables(runs, group_by, a.metric, a.split)
     pairs = paired(runs, group_by, a.baseline, a.metric, a.split, a.chosen_on) if a.baseline else ""
+    if a.paired_only:
+        if not pairs:
+            raise SystemExit("error: --paired-only prints the pairing: give a --baseline KEY=VALUE")
+        print(pairs, end="")
+        return
     if incomplete:
         text += "\nIncomplete or failed runs (not averaged): " + ", ".join(str(d) for d in incomplete) + "\n"
     if a.out:

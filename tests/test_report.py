@@ -157,6 +157,10 @@ def test_baseline_pairs_each_row_by_seed_with_a_t_test(tmp_path, capsys):
     assert "| sora | -10.00 (n=1) | +10.00 (n=3, p=0.225) |" in out  # one seed on mrpc: no p
     assert "| lora | baseline | baseline |" in out and "| baseline | lora | lora |" in out
     assert (tmp_path / "rep" / "paired.md").read_text() in out
+    main([str(tmp_path), "--baseline", "method=lora", "--paired-only"])  # just the pairing: no table, no files
+    assert capsys.readouterr().out == (tmp_path / "rep" / "paired.md").read_text()
+    with pytest.raises(SystemExit, match="--paired-only prints the pairing: give a --baseline"):
+        main([str(tmp_path), "--paired-only"])
     main([str(tmp_path), "--out", str(tmp_path / "rep")])  # regenerated without --baseline: no stale pairing
     assert not (tmp_path / "rep" / "paired.md").exists()
     capsys.readouterr()
