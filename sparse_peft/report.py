@@ -87,9 +87,16 @@ def key_value(run: dict, key: str):
     return node
 
 
+def value_order(values: tuple) -> tuple:
+    """Sort key for a tuple of config values whose types mix: numbers in numeric order (1e-05, 3e-05, 0.0001),
+    then everything else as text."""
+    return tuple((0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
+                 for v in values)
+
+
 def run_order(keys: list[str]):
-    """Sort key for runs: `keys` as text (their values' types mix), then the seed in numeric order."""
-    return lambda run: (tuple(str(key_value(run, k)) for k in keys), run["seed"])
+    """Sort key for runs: their `keys` (value_order), then the seed."""
+    return lambda run: (value_order(tuple(key_value(run, k) for k in keys)), run["seed"])
 
 
 def metric_of(run: dict, metric: str | None, split: str):
@@ -123,7 +130,7 @@ def summarize(runs: list[dict], group_by: list[str], metric: str | None, split: 
                                  f"{r['seed']}: add the key that tells them apart to --group-by ({keys}) "
                                  "or keep one with --where")
             cell.append(r)
-    rows = sorted({row for row, _ in cells}, key=lambda t: tuple(str(x) for x in t))
+    rows = sorted({row for row, _ in cells}, key=value_order)
     tasks = sorted({t for _, t in cells})
     names = {t: metric or next(r["selection_metric"] for r in runs if r["task"] == t) for t in tasks}
     return row_keys, rows, tasks, names, cells
@@ -226,7 +233,7 @@ def paired(runs: list[dict], group_by: list[str], baselines: list[str], metric: 
     for t in tasks:
         hits = {row for row in rows if (row, t) in cells for c in specs if matches(c, row, t)}
         if len(hits) > 1:
-            found = "; ".join(" ".join(map(str, h)) for h in sorted(hits, key=str))
+            found = "; ".join(" ".join(map(str, h)) for h in sorted(hits, key=value_order))
             raise SystemExit(f"error: --baseline matches {len(hits)} rows on {t} ({found}): name one, e.g. add "
                              "trainer.lr=..., or give one --baseline per task with task=...")
         if hits:
@@ -265,7 +272,7 @@ def write_csvs(runs: list[dict], group_by: list[str], metric: str | None, split:
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow([*row_keys, "task", "metric", "split", "mean", "std", "n", "retained_mean", "retained_share"])
-        for (row, task), rs in sorted(cells.items(), key=lambda kv: str(kv[0])):
+        for (row, task), rs in sorted(cells.items(), key=lambda kv: (value_order(kv[0][0]), kv[0][1])):
             mean, std = mean_std([metric_of(r, metric, split) for r in rs])
             kept = statistics.fmean(r["retained_params"] for r in rs)
             w.writerow([*row, task, names[task], split, f"{mean:.4f}", f"{std:.4f}", len(rs), f"{kept:.0f}",
@@ -352,16 +359,19 @@ def plot_validation_curves(curves: list[tuple[dict, list]], group_by: list[str],
     """One panel per task, one line per run (colour: its row group), validation metric against epoch."""
     tasks = sorted({r["task"] for r, _ in curves})
     row_keys = [k for k in group_by if k != "task"]
-    groups = sorted({tuple(str(key_value(r, k)) for k in row_keys) for r, _ in curves})
+    row = lambda r: tuple(key_value(r, k) for k in row_keys)  # noqa: E731
+    groups = sorted({row(r) for r, _ in curves}, key=value_order)
     colours = {g: f"C{i % 10}" for i, g in enumerate(groups)}
     plt = pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     panel = dict(zip(tasks, axes[0]))
     labelled = set()
-    for r, curve in curves:
-        g = tuple(str(key_value(r, k)) for k in row_keys)
+    order = run_order(row_keys)
+    for r, curve in sorted(curves, key=lambda rc: order(rc[0])):  # the legend in row order
+        g = row(r)
         first = (r["task"], g) not in labelled
-        panel[r["task"]].plot(*zip(*curve), marker=".", color=colours[g], label=" ".join(g) if first else None)
+        panel[r["task"]].plot(*zip(*curve), marker=".", color=colours[g],
+                              label=" ".join(map(str, g)) if first else None)
         labelled.add((r["task"], g))
     for task, ax in panel.items():
         name = metric or next(r["selection_metric"] for r, _ in curves if r["task"] == task)
@@ -449,11 +459,11 @@ def choose(runs: list[dict], key: str, metric: str | None = None, group_by=("met
     for (g, v) in cells:
         if g not in chosen or rank((g, v)) > rank((g, chosen[g])):
             chosen[g] = v
-    values = sorted({v for _, v in cells}, key=lambda v: (str(type(v)), v))
+    values = sorted({v for _, v in cells}, key=lambda v: value_order((v,)))
     lines = [f"Selection of `{key}` on the validation metric (mean ± std over seeds, x100); chosen in bold.", "",
              f"| {' | '.join(group_by)} | " + " | ".join(map(str, values)) + " | chosen |",
              "|" + "---|" * (len(group_by) + len(values) + 1)]
-    for g in sorted(chosen, key=lambda t: tuple(str(x) for x in t)):
+    for g in sorted(chosen, key=value_order):
         out = []
         for v in values:
             vals = cells.get((g, v))

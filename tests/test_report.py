@@ -67,6 +67,16 @@ def test_seeds_md_lists_the_seeds_in_numeric_order(tmp_path):
     assert [r["seed"] for r in csv.DictReader(open(tmp_path / "rep" / "runs.csv"))] == ["0", "21", "100"]
 
 
+def test_rows_order_a_rate_by_value_not_as_text(tmp_path, capsys):
+    for i, lam in enumerate((1e-4, 3e-5, 1e-5)):  # as text: "0.0001" < "1e-05" < "3e-05"
+        write_run(tmp_path / "runs" / str(i), "sora", "rte", 0, 0.5 + i / 10, lam=lam)
+    main([str(tmp_path / "runs"), "--group-by", "method,method.sparse_lambda", "--out", str(tmp_path / "rep")])
+    out = capsys.readouterr().out
+    assert out.index("| sora | 1e-05 |") < out.index("| sora | 3e-05 |") < out.index("| sora | 0.0001 |")
+    lams = [r["method.sparse_lambda"] for r in csv.DictReader(open(tmp_path / "rep" / "runs.csv"))]
+    assert lams == ["1e-05", "3e-05", "0.0001"]
+
+
 def test_the_average_needs_the_same_seeds_in_every_task(tmp_path, capsys):
     """A 3-seed MRPC mean beside a 1-seed RTE value is no paper average: the row averages the seed both ran."""
     for seed, value in ((0, 0.8), (21, 0.9), (42, 0.7)):
