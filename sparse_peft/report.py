@@ -11,7 +11,8 @@ e.g. a comparison whose shared cell ran in another sweep) and writes, to stdout 
   peak memory);
 - `retained_vs_metric.png`: one point per run, one colour per row group, a panel per task;
 - `convergence.md` and `validation_curves.png`: each run's validation metric at every evaluation, its best and
-  what the last third of the evaluations added to the best before them (had the curve flattened?);
+  what the last third of the evaluations added to the best before them (had the curve flattened?; a run on a
+  sparsity schedule counts only its evaluations at the target sparsity);
 - `stages_<run>.png` for every run whose `curve.jsonl` holds sparsifying-scheduler stages (SoRA's
   generalization / memorization against retained parameters).
 Group-by keys are `method`, `task`, `model`, or any dotted config key (`method.sparse_lambda`, `trainer.lr`).
@@ -328,27 +329,35 @@ def stage_records(run_dir: Path) -> list[dict]:
     return curve_records(run_dir, "stage")
 
 
-def validation_curve(run: dict, metric: str | None = None) -> list[tuple[float, float]]:
-    """(epoch, validation metric) at each of the run's evaluations."""
+def validation_curve(run: dict, metric: str | None = None) -> list[tuple[float, float, float | None]]:
+    """(epoch, validation metric, scheduled sparsity or None) at each of the run's evaluations."""
     name = metric or run["selection_metric"]
-    return [(r.get("epoch") or r["step"], r["eval"][name]) for r in curve_records(Path(run["dir"]), "eval")
-            if name in (r.get("eval") or {})]
+    return [(r.get("epoch") or r["step"], r["eval"][name], r.get("sparsity"))
+            for r in curve_records(Path(run["dir"]), "eval") if name in (r.get("eval") or {})]
 
 
 def convergence(curves: list[tuple[dict, list]], group_by: list[str]) -> str:
     """Had each run's validation curve flattened by the end? Per run: the metric at every evaluation, the best and
-    its epoch, and what the last third of the evaluations added to the best before them (small or negative: flat)."""
+    its epoch, and what the last third of the evaluations added to the best before them (small or negative: flat).
+    A run on a sparsity schedule (PST, magnitude pruning) counts only its evaluations at the target sparsity, where
+    it chooses its checkpoint: its dense peak says nothing about convergence at the target."""
     keys = [k for k in group_by if k != "seed"] + ["seed"]
     lines = ["Validation metric at every evaluation (x100), the best and its epoch, and the last third's gain: "
              "best of the last third of the evaluations minus best of those before (small or negative: the curve "
-             "had flattened by the end of the budget).", "",
+             "had flattened by the end of the budget). A run on a sparsity schedule counts, for both, only its "
+             "evaluations at the target sparsity (from the epoch in brackets after its gain), where it chooses "
+             "its checkpoint.", "",
              f"| {' | '.join(keys)} | per evaluation | best (epoch) | last-third gain |", "|" + "---|" * (len(keys) + 3)]
     order = run_order(keys[:-1])
     for r, curve in sorted(curves, key=lambda rc: order(rc[0])):
-        values = [v * 100 for _, v in curve]
-        best = max(range(len(values)), key=values.__getitem__)
-        last = max(1, len(values) // 3)
-        gain = f"{max(values[-last:]) - max(values[:-last]):+.2f}" if len(values) > 1 else "–"
+        sparsity = [s for *_, s in curve]
+        first = sparsity.index(sparsity[-1]) if sparsity[-1] else 0  # the cubic schedule only rises
+        values = [v * 100 for _, v, _ in curve]
+        counted = values[first:]
+        best = first + max(range(len(counted)), key=counted.__getitem__)
+        last = max(1, len(counted) // 3)
+        gain = f"{max(counted[-last:]) - max(counted[:-last]):+.2f}" if len(counted) > 1 else "–"
+        gain += f" (from {curve[first][0]:g})" if first else ""
         lines.append(f"| {' | '.join(str(key_value(r, k)) for k in keys)} | {' '.join(f'{v:.2f}' for v in values)} | "
                      f"{values[best]:.2f} ({curve[best][0]:g}) | {gain} |")
     return "\n".join(lines) + "\n"
@@ -370,7 +379,7 @@ def plot_validation_curves(curves: list[tuple[dict, list]], group_by: list[str],
     for r, curve in sorted(curves, key=lambda rc: order(rc[0])):  # the legend in row order
         g = row(r)
         first = (r["task"], g) not in labelled
-        panel[r["task"]].plot(*zip(*curve), marker=".", color=colours[g],
+        panel[r["task"]].plot(*list(zip(*curve))[:2], marker=".", color=colours[g],
                               label=" ".join(map(str, g)) if first else None)
         labelled.add((r["task"], g))
     for task, ax in panel.items():
