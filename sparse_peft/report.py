@@ -88,6 +88,11 @@ def key_value(run: dict, key: str):
     return node
 
 
+def row_of(run: dict, keys: list[str]) -> tuple:
+    """The run's values of `keys`: its row in a table grouped by them."""
+    return tuple(key_value(run, k) for k in keys)
+
+
 def value_order(values: tuple) -> tuple:
     """Sort key for a tuple of config values whose types mix: numbers in numeric order (1e-05, 3e-05, 0.0001),
     then everything else as text."""
@@ -97,7 +102,7 @@ def value_order(values: tuple) -> tuple:
 
 def run_order(keys: list[str]):
     """Sort key for runs: their `keys` (value_order), then the seed."""
-    return lambda run: (value_order(tuple(key_value(run, k) for k in keys)), run["seed"])
+    return lambda run: (value_order(row_of(run, keys)), run["seed"])
 
 
 def metric_of(run: dict, metric: str | None, split: str):
@@ -123,7 +128,7 @@ def summarize(runs: list[dict], group_by: list[str], metric: str | None, split: 
     cells = defaultdict(list)
     for r in runs:
         if metric_of(r, metric, split) is not None:
-            cell = cells[(tuple(key_value(r, k) for k in row_keys), r["task"])]
+            cell = cells[(row_of(r, row_keys), r["task"])]
             twin = next((o for o in cell if o["seed"] == r["seed"]), None)
             if twin is not None:  # a mean over "seeds" would count one seed twice
                 keys = ", ".join(differing_keys(twin.get("config"), r.get("config"))[:4]) or "none in config.yaml"
@@ -284,7 +289,7 @@ def write_csvs(runs: list[dict], group_by: list[str], metric: str | None, split:
                     "total_params", "steps", "train_time_s", "peak_memory_mb", "dir"])
         for r in sorted(runs, key=run_order([*row_keys, "task"])):
             name = metric or r["selection_metric"]
-            w.writerow([*(key_value(r, k) for k in row_keys), r["task"], r["seed"], name, (r.get("eval") or {}).get(name),
+            w.writerow([*row_of(r, row_keys), r["task"], r["seed"], name, (r.get("eval") or {}).get(name),
                         (r.get("test") or {}).get(name), r["retained_params"], r["trainable_params"],
                         r["total_params"], r["steps"], r.get("train_time_s"), r.get("peak_memory_mb"), r["dir"]])
 
@@ -358,7 +363,7 @@ def convergence(curves: list[tuple[dict, list]], group_by: list[str]) -> str:
         last = max(1, len(counted) // 3)
         gain = f"{max(counted[-last:]) - max(counted[:-last]):+.2f}" if len(counted) > 1 else "–"
         gain += f" (from {curve[first][0]:g})" if first else ""
-        lines.append(f"| {' | '.join(str(key_value(r, k)) for k in keys)} | {' '.join(f'{v:.2f}' for v in values)} | "
+        lines.append(f"| {' | '.join(map(str, row_of(r, keys)))} | {' '.join(f'{v:.2f}' for v in values)} | "
                      f"{values[best]:.2f} ({curve[best][0]:g}) | {gain} |")
     return "\n".join(lines) + "\n"
 
@@ -368,8 +373,7 @@ def plot_validation_curves(curves: list[tuple[dict, list]], group_by: list[str],
     """One panel per task, one line per run (colour: its row group), validation metric against epoch."""
     tasks = sorted({r["task"] for r, _ in curves})
     row_keys = [k for k in group_by if k != "task"]
-    row = lambda r: tuple(key_value(r, k) for k in row_keys)  # noqa: E731
-    groups = sorted({row(r) for r, _ in curves}, key=value_order)
+    groups = sorted({row_of(r, row_keys) for r, _ in curves}, key=value_order)
     colours = {g: f"C{i % 10}" for i, g in enumerate(groups)}
     plt = pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
@@ -377,7 +381,7 @@ def plot_validation_curves(curves: list[tuple[dict, list]], group_by: list[str],
     labelled = set()
     order = run_order(row_keys)
     for r, curve in sorted(curves, key=lambda rc: order(rc[0])):  # the legend in row order
-        g = row(r)
+        g = row_of(r, row_keys)
         first = (r["task"], g) not in labelled
         panel[r["task"]].plot(*list(zip(*curve))[:2], marker=".", color=colours[g],
                               label=" ".join(map(str, g)) if first else None)
@@ -458,7 +462,7 @@ def choose(runs: list[dict], key: str, metric: str | None = None, group_by=("met
     for r in runs:
         value = metric_of(r, metric, "eval")
         if value is not None:
-            cell = (tuple(key_value(r, k) for k in group_by), key_value(r, key))
+            cell = (row_of(r, group_by), key_value(r, key))
             if r["dir"] in mine:
                 cells[cell].append(value)
             flat[cell] += one_class(r.get("eval") or {})
