@@ -62,8 +62,10 @@ def fit(run, task, data, model, method, plan: Plan, out: Path, world: World, dev
         scores = task.evaluate(model, loaders["validation"], device)
         train_scores = task.evaluate(model, stages.probe, device) if stages else None
         retained, ranks = method.retained_params(model), method.ranks(model)
+        settled = plan.settled(state.step)  # a candidate for the best checkpoint; the report counts these too
         record = {"type": "eval", "step": state.step, "epoch": state.step / plan.steps_per_epoch, "stage": stage.index,
-                  "lambda": stage.xi, "retained_params": retained, "eval": scores, "train": train_scores,
+                  "lambda": stage.xi, "settled": settled, "retained_params": retained, "eval": scores,
+                  "train": train_scores,
                   **(stages.curves(state, scores, train_scores, metric) if stages else
                      {"generalization": None, "memorization": None}),
                   "train_loss": loss_sum / max(loss_n, 1), "lr": scheduler.get_last_lr()[0], "ranks": ranks,
@@ -73,7 +75,7 @@ def fit(run, task, data, model, method, plan: Plan, out: Path, world: World, dev
                     "sparsity/stage": stage.index, **{f"eval/{k}": v for k, v in scores.items()},
                     **{f"train_subset/{k}": v for k, v in (train_scores or {}).items()}}, state.step)
         better = state.stage_best is None or scores[metric] > state.stage_best["eval"][metric]
-        if better and plan.settled(state.step):
+        if better and settled:
             state.stage_best = {k: record[k] for k in ("step", "eval", "train", "retained_params", "ranks")}
             if stage.index == 0:
                 state.best_metric, state.best_step, best = scores[metric], state.step, method.trained_state(model)

@@ -37,6 +37,7 @@ import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 from omegaconf import OmegaConf
 
@@ -334,11 +335,20 @@ def stage_records(run_dir: Path) -> list[dict]:
     return curve_records(run_dir, "stage")
 
 
-def validation_curve(run: dict, metric: str | None = None) -> list[tuple[float, float, float | None]]:
-    """(epoch, validation metric, scheduled sparsity or None) at each of the run's evaluations."""
+class Point(NamedTuple):
+    epoch: float
+    value: float
+    settled: bool  # a candidate for the run's checkpoint (a sparsity schedule: at its target)
+
+
+def validation_curve(run: dict, metric: str | None = None) -> list[Point]:
+    """The run's validation metric at each of its evaluations."""
     name = metric or run["selection_metric"]
-    return [(r.get("epoch") or r["step"], r["eval"][name], r.get("sparsity"))
-            for r in curve_records(Path(run["dir"]), "eval") if name in (r.get("eval") or {})]
+    records = [r for r in curve_records(Path(run["dir"]), "eval") if name in (r.get("eval") or {})]
+    final = records[-1].get("sparsity") if records else None
+    # runs from before the loop logged `settled`: the cubic schedule only rises, so its final sparsity marks them
+    return [Point(r.get("epoch") or r["step"], r["eval"][name], r.get("settled", r.get("sparsity") == final))
+            for r in records]
 
 
 def convergence(curves: list[tuple[dict, list]], group_by: list[str]) -> str:
@@ -355,16 +365,15 @@ def convergence(curves: list[tuple[dict, list]], group_by: list[str]) -> str:
              f"| {' | '.join(keys)} | per evaluation | best (epoch) | last-third gain |", "|" + "---|" * (len(keys) + 3)]
     order = run_order(keys[:-1])
     for r, curve in sorted(curves, key=lambda rc: order(rc[0])):
-        sparsity = [s for *_, s in curve]
-        first = sparsity.index(sparsity[-1]) if sparsity[-1] else 0  # the cubic schedule only rises
-        values = [v * 100 for _, v, _ in curve]
+        first = next((i for i, p in enumerate(curve) if p.settled), 0)
+        values = [p.value * 100 for p in curve]
         counted = values[first:]
         best = first + max(range(len(counted)), key=counted.__getitem__)
         last = max(1, len(counted) // 3)
         gain = f"{max(counted[-last:]) - max(counted[:-last]):+.2f}" if len(counted) > 1 else "–"
-        gain += f" (from {curve[first][0]:g})" if first else ""
+        gain += f" (from {curve[first].epoch:g})" if first else ""
         lines.append(f"| {' | '.join(map(str, row_of(r, keys)))} | {' '.join(f'{v:.2f}' for v in values)} | "
-                     f"{values[best]:.2f} ({curve[best][0]:g}) | {gain} |")
+                     f"{values[best]:.2f} ({curve[best].epoch:g}) | {gain} |")
     return "\n".join(lines) + "\n"
 
 
@@ -383,7 +392,7 @@ def plot_validation_curves(curves: list[tuple[dict, list]], group_by: list[str],
     for r, curve in sorted(curves, key=lambda rc: order(rc[0])):  # the legend in row order
         g = row_of(r, row_keys)
         first = (r["task"], g) not in labelled
-        panel[r["task"]].plot(*list(zip(*curve))[:2], marker=".", color=colours[g],
+        panel[r["task"]].plot([p.epoch for p in curve], [p.value for p in curve], marker=".", color=colours[g],
                               label=" ".join(map(str, g)) if first else None)
         labelled.add((r["task"], g))
     for task, ax in panel.items():

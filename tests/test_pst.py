@@ -264,6 +264,7 @@ def test_best_checkpoint_is_chosen_only_at_the_target_sparsity(tmp_path, tiny_gl
     assert [s for s in (2, 4, 6, 8, 10) if p.settled(s)] == [8, 10]  # the target holds from step 7 (0.7 T)
     assert m["best_step"] in (8, 10)
     curve = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
+    assert [c["settled"] for c in curve] == [False, False, False, True, True]  # what the report counts
     metric = next(iter(curve[0]["eval"]))  # the first metric listed selects
     assert m["eval"] == max((c["eval"] for c in curve if c["step"] in (8, 10)), key=lambda e: e[metric])
 

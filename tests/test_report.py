@@ -131,16 +131,19 @@ def test_convergence_shows_each_runs_validation_curve_and_the_last_thirds_gain(t
 
 def test_convergence_of_a_sparsity_schedule_counts_the_evaluations_at_its_target(tmp_path):
     """PST and magnitude pruning choose their checkpoint at the target sparsity: a dense peak before it is neither
-    their best nor the baseline of their last-third gain."""
-    d = tmp_path / "runs" / "pst"
+    their best nor the baseline of their last-third gain. The loop marks those evaluations `settled`; a run logged
+    before that field existed is read from its sparsity (the cubic schedule only rises)."""
     curve = [(0.9, 0.0), (0.8, 0.3), (0.5, 0.6), (0.55, 0.9), (0.6, 0.9), (0.62, 0.9), (0.63, 0.9)]
-    write_run(d, "pst", "rte", 0, 0.63)
-    (d / "curve.jsonl").write_text("".join(
-        json.dumps({"type": "eval", "step": 10 * e, "epoch": float(e), "eval": {"accuracy": v}, "sparsity": s}) + "\n"
-        for e, (v, s) in enumerate(curve, start=1)))
+    for seed, fields in ((0, lambda s: {"sparsity": s}), (1, lambda s: {"settled": s == 0.9})):
+        d = tmp_path / "runs" / f"pst{seed}"
+        write_run(d, "pst", "rte", seed, 0.63)
+        (d / "curve.jsonl").write_text("".join(
+            json.dumps({"type": "eval", "step": 10 * e, "epoch": float(e), "eval": {"accuracy": v}, **fields(s)})
+            + "\n" for e, (v, s) in enumerate(curve, start=1)))
     main([str(tmp_path / "runs"), "--out", str(tmp_path / "rep")])
     text = (tmp_path / "rep" / "convergence.md").read_text()
-    assert "| pst | rte | 0 | 90.00 80.00 50.00 55.00 60.00 62.00 63.00 | 63.00 (7) | +1.00 (from 4) |" in text
+    for seed in (0, 1):
+        assert f"| pst | rte | {seed} | 90.00 80.00 50.00 55.00 60.00 62.00 63.00 | 63.00 (7) | +1.00 (from 4) |" in text
 
 
 def test_where_keeps_the_matching_runs(tmp_path, capsys):
