@@ -233,9 +233,12 @@ def paired(runs: list[dict], group_by: list[str], baselines: list[str], metric: 
               for k in {k for c in specs for k, v in c.items() if v == "chosen"}}
     rest = lambda row, k, t: (*(x for o, x in zip(row_keys, row) if o != k), t)  # noqa: E731  the row without k
 
+    def at_chosen(row, k, t):
+        return rest(row, k, t) in chosen[k] and row[index[k]] == chosen[k][rest(row, k, t)]
+
     def matches(c, row, t):
-        return all(rest(row, k, t) in chosen[k] and row[index[k]] == chosen[k][rest(row, k, t)] if v == "chosen" else
-                   str(t if k == "task" else row[index[k]]) == v for k, v in c.items())
+        return all(at_chosen(row, k, t) if v == "chosen" else str(t if k == "task" else row[index[k]]) == v
+                   for k, v in c.items())
     base = {}
     for t in tasks:
         hits = {row for row in rows if (row, t) in cells for c in specs if matches(c, row, t)}
@@ -250,7 +253,9 @@ def paired(runs: list[dict], group_by: list[str], baselines: list[str], metric: 
     head = " | ".join(row_keys)
     how = f"; `chosen` on {' and '.join(chosen_on)}" if chosen and chosen_on else ""
     lines = [f"Each row minus the baseline ({'; '.join(baselines)}{how}), `{split}` x100, mean over the seeds both ran",
-             "(n) and the two-sided paired t-test p; the last line names each task's baseline row.", "",
+             "(n) and the two-sided paired t-test p; the last line names each task's baseline row."
+             + (f" Bold: the row at its own chosen {', '.join(sorted(chosen))} (the comparison the table is for)."
+                if chosen else ""), "",
              f"| {head} | " + " | ".join(f"{t} ({names[t]})" for t in tasks) + " |",
              "|" + "---|" * (len(row_keys) + len(tasks))]
     for row in rows:
@@ -267,7 +272,8 @@ def paired(runs: list[dict], group_by: list[str], baselines: list[str], metric: 
             a, b = [mine[s] for s in common], [ref[s] for s in common]
             text = f"{(statistics.fmean(a) - statistics.fmean(b)) * 100:+.2f} (n={len(common)}"
             p = ttest_rel(a, b).pvalue if len(common) > 1 else float("nan")
-            out.append(text + (f", p={p:.3f})" if p == p else ")"))  # nan: one seed, or identical differences
+            text += f", p={p:.3f})" if p == p else ")"  # nan: one seed, or identical differences
+            out.append(f"**{text}**" if chosen and all(at_chosen(row, k, t) for k in chosen) else text)
         lines.append("| " + " | ".join(map(str, row)) + " | " + " | ".join(out) + " |")
     named = [" ".join(map(str, base[t])) if t in base else "–" for t in tasks]
     lines.append("| baseline | " + " | ".join(named) + " |")

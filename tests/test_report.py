@@ -204,7 +204,8 @@ def test_baseline_pairs_each_row_by_seed_with_a_t_test(tmp_path, capsys):
 def test_a_chosen_baseline_is_the_rate_choose_picks(tmp_path, capsys):
     """`--baseline method=lora,method.sparse_lambda=chosen`: lora's value with the best validation mean (0.1: 65 vs
     62.5), or the best on the runs `--chosen-on` keeps (seed 1: 1.0, 75 vs 70); `task=chosen` is an error. Paired
-    differences (20, 15): t = 7, 1 df, p = 1 - 2 atan(7) / pi = 0.090; (30, 10): t = 2, p = 0.295."""
+    differences (20, 15): t = 7, 1 df, p = 1 - 2 atan(7) / pi = 0.090; (30, 10): t = 2, p = 0.295. A row at its own
+    chosen value is bold (sora's only value); lora's other value is not ((-10, 5): t = 1/3, p = 0.795)."""
     for name, lam, seed, value in (("l1a", 0.1, 0, 0.60), ("l1b", 0.1, 1, 0.70), ("l2a", 1.0, 0, 0.50),
                                    ("l2b", 1.0, 1, 0.75), ("sa", 0.1, 0, 0.80), ("sb", 0.1, 1, 0.85)):
         write_run(tmp_path / name, "sora" if name[0] == "s" else "lora", "rte", seed, value, lam=lam)
@@ -212,10 +213,13 @@ def test_a_chosen_baseline_is_the_rate_choose_picks(tmp_path, capsys):
             "method=lora,method.sparse_lambda=chosen"]
     main(args)
     out = capsys.readouterr().out
-    assert "| sora | 0.1 | +17.50 (n=2, p=0.090) |" in out and "| baseline | lora 0.1 |" in out
+    assert "| sora | 0.1 | **+17.50 (n=2, p=0.090)** |" in out and "| baseline | lora 0.1 |" in out
+    assert "| lora | 1.0 | -2.50 (n=2, p=0.795) |" in out
+    assert "Bold: the row at its own chosen method.sparse_lambda" in out
     main([*args, "--chosen-on", "trainer.seed=1"])
     out = capsys.readouterr().out
-    assert "| sora | 0.1 | +20.00 (n=2, p=0.295) |" in out and "| baseline | lora 1.0 |" in out
+    assert "| sora | 0.1 | **+20.00 (n=2, p=0.295)** |" in out and "| baseline | lora 1.0 |" in out
+    assert "| lora | 0.1 | +2.50 (n=2, p=0.795) |" in out
     assert "(method=lora,method.sparse_lambda=chosen; `chosen` on trainer.seed=1)" in out
     with pytest.raises(SystemExit, match="expected KEY=VALUE over the group-by keys"):
         main([*args[:3], "--baseline", "method=lora,task=chosen"])
