@@ -73,10 +73,11 @@ for set in ${*:-$DEFAULT_SETS}; do
   if [ "$name" = pst_glue ]; then  # paired_magnitude.md: PST's gaps to magnitude pruning at each sparsity, unrounded
     for split in test eval; do
       out=$tables; [ $split = eval ] && out=$tables/validation
-      for b in magnitude magnitude_50; do
-        echo "## minus $b"; echo
+      for m in pst pst_50; do  # each PST against magnitude pruning at its own sparsity, every rate of both
+        b=${m/pst/magnitude}
+        echo "## $m minus $b"; echo
         python -m sparse_peft.report "results/$set" --split $split --group-by $keys --paired-only \
-          --baseline method=$b,trainer.lr=chosen --chosen-on trainer.seed=$grid_seed
+          --where "method=$m|$b" --baseline method=$b,trainer.lr=chosen --chosen-on trainer.seed=$grid_seed
         echo
       done > "$out/paired_magnitude.md"
     done

@@ -20,7 +20,8 @@ Group-by keys are `method`, `task`, `model`, or any dotted config key (`method.s
 `--choose KEY` (e.g. `trainer.lr`) selects KEY per method and task on the validation metric (mean over seeds) and
 writes `choice.md`: every value's mean, the chosen one marked; a value whose model answers one class is marked
 and passed over. `--chosen-on KEY=VALUE` chooses on the matching runs' means (e.g. the seed the grid ran on) while
-a value that answers one class on any seed is still passed over; `--where KEY=VALUE` keeps only the matching runs.
+a value that answers one class on any seed is still passed over; `--where KEY=VALUE` keeps only the matching runs
+(`KEY=A|B`: either value; e.g. one method against its baseline in a `--baseline` table).
 `--baseline KEY=VALUE[,KEY=VALUE]` adds `paired.md`: every row minus the baseline row per task over the seeds both
 ran, with a paired t-test's p (repeat it with `task=...` in each for a per-task baseline; values as the table prints
 them). `KEY=chosen` (e.g. `method=lora,trainer.lr=chosen`) takes, per task, the value that `--choose KEY` (with the
@@ -234,7 +235,8 @@ def paired(runs: list[dict], group_by: list[str], baselines: list[str], metric: 
     rest = lambda row, k, t: (*(x for o, x in zip(row_keys, row) if o != k), t)  # noqa: E731  the row without k
 
     def at_chosen(row, k, t):
-        return rest(row, k, t) in chosen[k] and row[index[k]] == chosen[k][rest(row, k, t)]
+        r = rest(row, k, t)
+        return r in chosen[k] and row[index[k]] == chosen[k][r]
 
     def matches(c, row, t):
         return all(at_chosen(row, k, t) if v == "chosen" else str(t if k == "task" else row[index[k]]) == v
@@ -534,12 +536,12 @@ def plot_gate_diagnostics(runs: list[dict], path: Path) -> bool:
 
 
 def matching(runs: list[dict], conds: list[str], flag: str) -> list[dict]:
-    """The runs whose every KEY (any group-by key) equals its VALUE, as the table prints it."""
+    """The runs whose every KEY (any group-by key) equals its VALUE, or one of VALUE|VALUE, as the table prints it."""
     for cond in conds:
         key, sep, value = cond.partition("=")
         if not sep:
             raise SystemExit(f"error: {flag} {cond}: expected KEY=VALUE, e.g. {flag} trainer.seed=42")
-        runs = [r for r in runs if str(key_value(r, key)) == value]
+        runs = [r for r in runs if str(key_value(r, key)) in value.split("|")]
     return runs
 
 
@@ -554,8 +556,8 @@ def main(argv=None) -> None:
     p.add_argument("--choose", default=None, metavar="KEY",
                    help="select KEY (e.g. trainer.lr) per method and task on the validation metric; writes choice.md")
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
-                   help="only runs whose KEY (any group-by key) equals VALUE, e.g. choose on one seed: "
-                        "--where trainer.seed=42; repeatable")
+                   help="only runs whose KEY (any group-by key) equals VALUE (or one of A|B), e.g. choose on one "
+                        "seed: --where trainer.seed=42; repeatable")
     p.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="also write paired.md: every row minus this row per task over shared seeds, paired t-test p "
                         "(e.g. method=lora,trainer.lr=0.0003; repeat with task=... for a per-task baseline)")

@@ -154,6 +154,10 @@ def test_where_keeps_the_matching_runs(tmp_path, capsys):
     assert "| lora | 60.00 | 60.00 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="matching trainer.seed=7"):
         main([str(tmp_path), "--where", "trainer.seed=7"])
+    write_run(tmp_path / "c", "sora", "rte", 0, 0.80)
+    main([str(tmp_path), "--where", "trainer.seed=0|1", "--where", "method=lora|bitfit"])  # either value
+    out = capsys.readouterr().out
+    assert "| lora | 65.00 ± 7.07 (n=2) | 65.00 |" in out and "| sora |" not in out
 
 
 def test_several_roots_make_one_table(tmp_path, capsys):
@@ -167,7 +171,8 @@ def test_several_roots_make_one_table(tmp_path, capsys):
     assert "| lora | 65.00 ± 7.07 (n=2) | 65.00 |" in out
     assert f"Incomplete or failed runs (not averaged): {tmp_path / 'sweep2' / 'c'}" in out
     main([str(tmp_path), str(tmp_path / "sweep2")])  # nested roots: a run below both counts once
-    assert "| lora | 65.00 ± 7.07 (n=2) | 65.00 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| lora | 65.00 ± 7.07 (n=2) | 65.00 |" in out and "| sora |" not in out
 
 
 def test_baseline_pairs_each_row_by_seed_with_a_t_test(tmp_path, capsys):
