@@ -147,7 +147,8 @@ def test_convergence_of_a_sparsity_schedule_counts_the_evaluations_at_its_target
 
 
 def test_where_keeps_the_matching_runs(tmp_path, capsys):
-    """--where trainer.seed=0: the choice and the table see seed 0's runs only; a key nothing matches is an error."""
+    """--where trainer.seed=0: the choice and the table see seed 0's runs only; a key nothing matches is an error;
+    KEY=A|B keeps either value."""
     write_run(tmp_path / "a", "lora", "rte", 0, 0.60)
     write_run(tmp_path / "b", "lora", "rte", 1, 0.70)
     main([str(tmp_path), "--where", "trainer.seed=0"])
