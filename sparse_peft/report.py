@@ -18,8 +18,8 @@ e.g. a comparison whose shared cell ran in another sweep) and writes, to stdout 
 Group-by keys are `method`, `task`, `model`, or any dotted config key (`method.sparse_lambda`, `trainer.lr`).
 `--stages DIR` instead treats <dir> as one scheduler run: its per-stage table and plot (stages.md, stages.png).
 `--choose KEY` (e.g. `trainer.lr`) selects KEY per method and task on the validation metric (mean over seeds) and
-writes `choice.md`: every value's mean, the chosen one marked; a value whose model answers one class is marked
-and passed over. `--chosen-on KEY=VALUE` chooses on the matching runs' means (e.g. the seed the grid ran on) while
+writes `choice.md`: every value's mean, the chosen one marked (and flagged when it is the grid's edge or the
+only value tried); a value whose model answers one class is marked and passed over. `--chosen-on KEY=VALUE` chooses on the matching runs' means (e.g. the seed the grid ran on) while
 a value that answers one class on any seed is still passed over; `--where KEY=VALUE` keeps only the matching runs
 (`KEY=A|B`: either value; e.g. one method against its baseline in a `--baseline` table).
 `--baseline KEY=VALUE[,KEY=VALUE]` adds `paired.md`: every row minus the baseline row per task over the seeds both
@@ -466,13 +466,19 @@ def one_class(scores: dict) -> bool:
     return f1 is not None and acc is not None and (f1 == 0 or abs(f1 - 2 * acc / (1 + acc)) < 1e-9)
 
 
+GRID_MARKS = {" (edge)": "(edge): the chosen value is the smallest or largest of those tried, so a wider grid may "
+                        "choose another",
+              " (only value)": "(only value): one value ran, nothing was chosen"}
+
+
 def choose(runs: list[dict], key: str, metric: str | None = None, group_by=("method", "task"),
            on: list[dict] | None = None) -> tuple[str, dict]:
     """Per group (default: method and task): the value of `key` with the best mean validation metric over seeds,
     and a table of every value's mean ± std (n), the chosen one in bold. A value where any seed's model answers one
     class (`one_class`) is marked and chosen only if every value is: on MRPC the all-positive F1 (81) beats a model
     that learned something but overfits, and a constant is not a usable rate. `on`: the runs whose means choose (e.g.
-    the seed a grid ran on); a value that answers one class on any of `runs` is still passed over."""
+    the seed a grid ran on); a value that answers one class on any of `runs` is still passed over. A choice at the
+    edge of the values tried, or of the only one, is flagged: the grid has not bracketed the best value."""
     group_by = list(group_by) + (["task"] if "task" not in group_by else [])
     mine = {r["dir"] for r in (runs if on is None else on)}
     cells, flat, ran = defaultdict(list), defaultdict(int), defaultdict(int)
@@ -493,6 +499,7 @@ def choose(runs: list[dict], key: str, metric: str | None = None, group_by=("met
     lines = [f"Selection of `{key}` on the validation metric (mean ± std over seeds, x100); chosen in bold.", "",
              f"| {' | '.join(group_by)} | " + " | ".join(map(str, values)) + " | chosen |",
              "|" + "---|" * (len(group_by) + len(values) + 1)]
+    marks = set()
     for g in sorted(chosen, key=value_order):
         out = []
         for v in values:
@@ -500,7 +507,12 @@ def choose(runs: list[dict], key: str, metric: str | None = None, group_by=("met
             text = fmt(vals) if vals else "–"
             text += f" (one class: {flat[(g, v)]}/{ran[(g, v)]})" if vals and flat[(g, v)] else ""
             out.append(f"**{text}**" if vals and v == chosen[g] else text)
-        lines.append(f"| {' | '.join(map(str, g))} | " + " | ".join(out) + f" | {chosen[g]} |")
+        tried = [v for v in values if cells.get((g, v))]
+        edge = " (only value)" if len(tried) == 1 else " (edge)" if chosen[g] in (tried[0], tried[-1]) else ""
+        marks.update([edge] if edge else [])
+        lines.append(f"| {' | '.join(map(str, g))} | " + " | ".join(out) + f" | {chosen[g]}{edge} |")
+    if marks:  # a choice at a grid's edge, or of a lone value, is not yet a choice: widen the grid first
+        lines += ["", "; ".join(GRID_MARKS[m] for m in sorted(marks)) + "."]
     if any(flat.values()):
         lines += ["", f"(one class: k/n): in k of the n runs (any seed) the model answered one class for at least "
                   f"{ONE_CLASS_SHARE:.0%} of the validation inputs; such a value is chosen only if every value is."]

@@ -249,6 +249,6 @@ def test_chosen_on_one_seed_still_passes_over_a_value_that_collapses_on_another(
     m["eval"]["majority_share"] = 1.0
     (tmp_path / "c" / "metrics.json").write_text(json.dumps(m))
     main([str(tmp_path), "--choose", "method.sparse_lambda", "--chosen-on", "trainer.seed=0"])
-    assert "| lora | rte | **60.00** | 70.00 (one class: 1/2) | 0.1 |" in capsys.readouterr().out
+    assert "| lora | rte | **60.00** | 70.00 (one class: 1/2) | 0.1 (edge) |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--chosen-on trainer.seed=7 matches no completed run"):
         main([str(tmp_path), "--choose", "method.sparse_lambda", "--chosen-on", "trainer.seed=7"])

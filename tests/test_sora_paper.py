@@ -108,11 +108,23 @@ def test_learning_rate_choice_uses_the_validation_mean(tmp_path, capsys):
 
     text, chosen = choose(collect(tmp_path)[0], "trainer.lr")
     assert chosen == {("lora", "rte"): 1e-4, ("sora", "rte"): 3e-4}
-    assert "| lora | rte | **65.00 ± 7.07 (n=2)** | 60.00 ± 28.28 (n=2) | 0.0001 |" in text
+    assert "| lora | rte | **65.00 ± 7.07 (n=2)** | 60.00 ± 28.28 (n=2) | 0.0001 (edge) |" in text
+    assert "| sora | rte | – | **90.00** | 0.0003 (only value) |" in text
+    assert "(edge): the chosen value is the smallest or largest" in text and "(only value): one value ran" in text
     by_seed, _ = choose(collect(tmp_path)[0], "trainer.lr", group_by=["method", "seed"])  # any config key groups
     assert "| lora | 0 | rte |" in by_seed
     report_main([str(tmp_path), "--choose", "trainer.lr", "--out", str(tmp_path / "rep")])
     assert (tmp_path / "rep" / "choice.md").read_text() == text == capsys.readouterr().out
+
+
+def test_a_choice_inside_its_grid_is_not_flagged(tmp_path):
+    from sparse_peft.report import collect
+
+    for i, (lr, v) in enumerate([(1e-5, 0.5), (3e-5, 0.7), (1e-4, 0.6)]):
+        write_run(tmp_path / str(i), "lora", "rte", 0, lr, v)
+    text, chosen = choose(collect(tmp_path)[0], "trainer.lr")
+    assert chosen == {("lora", "rte"): 3e-5}
+    assert text.rstrip().endswith("| lora | rte | 50.00 | **70.00** | 60.00 | 3e-05 |")  # no flag, no legend
 
 
 def test_a_rate_whose_model_answers_one_class_is_passed_over(tmp_path):
@@ -129,7 +141,7 @@ def test_a_rate_whose_model_answers_one_class_is_passed_over(tmp_path):
         (tmp_path / str(i) / "metrics.json").write_text(json.dumps(m))
     text, chosen = choose(collect(tmp_path)[0], "trainer.lr")
     assert chosen == {("pst", "mrpc"): 1e-4}
-    assert "| pst | mrpc | **80.00** | 81.40 (one class: 1/1) | 85.00 (one class: 1/1) | 0.0001 |" in text
+    assert "| pst | mrpc | **80.00** | 81.40 (one class: 1/1) | 85.00 (one class: 1/1) | 0.0001 (edge) |" in text
     for i in (0, 2):  # only constants left: the best of them, still marked
         for f in (tmp_path / str(i)).iterdir():
             f.unlink()
