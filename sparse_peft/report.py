@@ -19,9 +19,10 @@ Group-by keys are `method`, `task`, `model`, or any dotted config key (`method.s
 `--stages DIR` instead treats <dir> as one scheduler run: its per-stage table and plot (stages.md, stages.png).
 `--choose KEY` (e.g. `trainer.lr`) selects KEY per method and task on the validation metric (mean over seeds) and
 writes `choice.md`: every value's mean, the chosen one marked (and flagged when it is the grid's edge or the
-only value tried); a value whose model answers one class is marked and passed over. `--chosen-on KEY=VALUE` chooses on the matching runs' means (e.g. the seed the grid ran on) while
-a value that answers one class on any seed is still passed over; `--where KEY=VALUE` keeps only the matching runs
-(`KEY=A|B`: either value; e.g. one method against its baseline in a `--baseline` table).
+only value tried); a value whose model answers one class is marked and passed over. `--chosen-on KEY=VALUE`
+chooses on the matching runs' means (e.g. the seed the grid ran on) while a value that answers one class on any seed
+is still passed over; `--where KEY=VALUE` keeps only the matching runs (`KEY=A|B`: either value; e.g. one method
+against its baseline in a `--baseline` table).
 `--baseline KEY=VALUE[,KEY=VALUE]` adds `paired.md`: every row minus the baseline row per task over the seeds both
 ran, with a paired t-test's p (repeat it with `task=...` in each for a per-task baseline; values as the table prints
 them). `KEY=chosen` (e.g. `method=lora,trainer.lr=chosen`) takes, per task, the value that `--choose KEY` (with the
