@@ -34,6 +34,18 @@ def test_slurm_launcher_config_composes():
     assert "SlurmLauncher" in r.stdout and "partition: gpu" in r.stdout and "gpus_per_node: 1" in r.stdout
 
 
+def test_a_key_that_cannot_change_a_result_stays_out_of_the_run_dir_name():
+    """Else a rerun with `trainer.fused_adamw=false` (or another thread count) lands in a new dir and trains again
+    instead of finding its completed cell."""
+    from omegaconf import OmegaConf
+
+    from sparse_peft.runio import VOLATILE
+
+    excluded = set(OmegaConf.load(CONFIGS / "config.yaml").hydra.job.config.override_dirname.exclude_keys)
+    volatile = {f"{node}.{k}" for node, keys in VOLATILE.items() if keys for k in keys}
+    assert volatile <= excluded, sorted(volatile - excluded)
+
+
 PRESETS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 
 
