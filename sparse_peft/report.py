@@ -467,9 +467,9 @@ def one_class(scores: dict) -> bool:
     return f1 is not None and acc is not None and (f1 == 0 or abs(f1 - 2 * acc / (1 + acc)) < 1e-9)
 
 
-GRID_MARKS = {" (edge)": "(edge): the chosen value is the smallest or largest of those tried, so a wider grid may "
-                        "choose another",
-              " (only value)": "(only value): one value ran, nothing was chosen"}
+GRID_MARKS = {"edge": "(edge): the chosen value is the smallest or largest of those tried, so a wider grid may "
+                       "choose another",
+              "only value": "(only value): one value ran, nothing was chosen"}
 
 
 def choose(runs: list[dict], key: str, metric: str | None = None, group_by=("method", "task"),
@@ -509,9 +509,11 @@ def choose(runs: list[dict], key: str, metric: str | None = None, group_by=("met
             text += f" (one class: {flat[(g, v)]}/{ran[(g, v)]})" if vals and flat[(g, v)] else ""
             out.append(f"**{text}**" if vals and v == chosen[g] else text)
         tried = [v for v in values if cells.get((g, v))]
-        edge = " (only value)" if len(tried) == 1 else " (edge)" if chosen[g] in (tried[0], tried[-1]) else ""
-        marks.update([edge] if edge else [])
-        lines.append(f"| {' | '.join(map(str, g))} | " + " | ".join(out) + f" | {chosen[g]}{edge} |")
+        mark = "only value" if len(tried) == 1 else "edge" if chosen[g] in (tried[0], tried[-1]) else ""
+        if mark:
+            marks.add(mark)
+            mark = f" ({mark})"
+        lines.append(f"| {' | '.join(map(str, g))} | " + " | ".join(out) + f" | {chosen[g]}{mark} |")
     if marks:  # a choice at a grid's edge, or of a lone value, is not yet a choice: widen the grid first
         lines += ["", "; ".join(GRID_MARKS[m] for m in sorted(marks)) + "."]
     if any(flat.values()):
