@@ -49,6 +49,19 @@ def write_tiny_glue(root: Path, rows: int = 40) -> Path:
     return root
 
 
+def hydra_outputs() -> set[Path]:
+    return {p for d in ("outputs", "multirun") for p in (REPO / d).glob("**/.hydra")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_hydra_output_in_the_repo():
+    """A command-line run without `hydra.run.dir` writes its Hydra dir into the repo's outputs/ at every test run."""
+    before = hydra_outputs()
+    yield
+    new = sorted(str(p.parent.relative_to(REPO)) for p in hydra_outputs() - before)
+    assert not new, f"a test wrote Hydra output into the repo (give it hydra.run.dir under tmp_path): {new[:3]}"
+
+
 @pytest.fixture(scope="session")
 def tiny_glue(tmp_path_factory) -> Path:
     return write_tiny_glue(tmp_path_factory.mktemp("data"))

@@ -147,7 +147,7 @@ def error_line(tmp_path, tiny_glue, overrides, setup) -> tuple[str, int, str]:
     """(the error line with paths made generic, exit code, stderr) of one case."""
     data = setup(tiny_glue, tmp_path / "data") if setup else tiny_glue
     out = tmp_path / "out"
-    args = fast_overrides(out, data, *overrides)
+    args = [*fast_overrides(out, data, *overrides), f"hydra.run.dir={tmp_path / 'hydra'}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     r = subprocess.run([sys.executable, "-m", "sparse_peft.train", *args], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600)

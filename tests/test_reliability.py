@@ -83,8 +83,9 @@ def test_non_finite_weights_are_never_saved(tmp_path, tiny_glue, monkeypatch):
 def cli(out, data, *args, env_extra=None, wait=True):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env_extra or {})}
     cmd = [sys.executable, "-m", "sparse_peft.train", "model=tiny_bert", f"data.root={data}",
-           f"trainer.output_dir={out}", "trainer.batch_size=8", "trainer.progress_bar=false", "trainer.num_threads=1",
-           "logger.wandb.mode=disabled", f"data.cache_dir={out.parent / 'tok_cache'}", *args]
+           f"trainer.output_dir={out}", f"hydra.run.dir={out.parent / 'hydra'}", "trainer.batch_size=8",
+           "trainer.progress_bar=false", "trainer.num_threads=1", "logger.wandb.mode=disabled",
+           f"data.cache_dir={out.parent / 'tok_cache'}", *args]
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
