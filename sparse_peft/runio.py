@@ -55,6 +55,17 @@ VOLATILE = {"trainer": ("output_dir", "overwrite", "resume", "progress_bar", "nu
             "data": ("root", "cache_dir", "num_workers"), "logger": None}
 
 
+def run_dirname(overrides) -> str:
+    """A sweep job's dir name: its command-line overrides, sorted, without those that cannot change a result (and
+    the experiment preset, the set's own), so a rerun that differs only in them finds its completed cell."""
+    def named(line: str) -> bool:
+        key = line.split("=", 1)[0].lstrip("+~").split("@")[0]
+        node, _, leaf = key.partition(".")
+        return key != "experiment" and not (node in VOLATILE and (VOLATILE[node] is None or leaf in VOLATILE[node]))
+
+    return ",".join(sorted(filter(named, overrides))).replace("/", "-") or "default"  # task=glue/rte: not a nested dir
+
+
 def result_config(cfg) -> dict:
     c = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
     for node, keys in VOLATILE.items():

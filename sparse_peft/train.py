@@ -23,8 +23,8 @@ from sparse_peft.distributed import broadcast, finish, init_world
 from sparse_peft.loop import evaluate_splits, fit
 from sparse_peft.methods import build_method, count
 from sparse_peft.models import build_model, load_tokenizer
-from sparse_peft.runio import (discard_failed_start, in_sweep, load_trainable, prepare_output_dir, save_method_state,
-                               save_weights, unlock_output_dir, write_json_atomic)
+from sparse_peft.runio import (discard_failed_start, in_sweep, load_trainable, prepare_output_dir, run_dirname,
+                               save_method_state, save_weights, unlock_output_dir, write_json_atomic)
 from sparse_peft.schedulers import plan as plan_steps
 from sparse_peft.tasks import build_task
 
@@ -187,8 +187,7 @@ def check_overrides(argv: list[str]) -> None:
         sys.exit(2)
 
 
-# Sweep subdirs are named by the job's overrides; `task=glue/rte` must not become a nested dir.
-OmegaConf.register_new_resolver("path_safe", lambda s: (s or "default").replace("/", "-"), replace=True)
+OmegaConf.register_new_resolver("run_dirname", run_dirname, replace=True)  # configs/config.yaml: hydra.sweep.subdir
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")

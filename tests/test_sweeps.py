@@ -22,10 +22,10 @@ def test_launchers_run_every_job_in_its_own_dir(tmp_path, tiny_glue, launcher):
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["hydra.launcher.timeout_min=5"]
     r = train_cli("-m", f"hydra/launcher={launcher}", *extra, f"hydra.sweep.dir={tmp_path}", "model=tiny_bert",
                   f"data.root={tiny_glue}", "trainer.max_steps=1", "trainer.batch_size=8", "trainer.progress_bar=false",
-                  "trainer.num_threads=1", "logger.wandb.mode=disabled", "method=sora,lora")
+                  "trainer.num_threads=1", "logger.wandb.mode=disabled", "logger.wandb.project=x", "method=sora,lora")
     assert r.returncode == 0, r.stderr[-3000:]
-    done = sorted(json.loads(p.read_text())["method"] for p in tmp_path.glob("*/metrics.json"))
-    assert done == ["lora", "sora"]
+    done = {p.parent.name: json.loads(p.read_text())["method"] for p in tmp_path.glob("*/metrics.json")}
+    assert done == {f"method={m},model=tiny_bert,trainer.batch_size=8,trainer.max_steps=1": m for m in ("lora", "sora")}
 
 
 def test_slurm_launcher_config_composes():
@@ -34,16 +34,25 @@ def test_slurm_launcher_config_composes():
     assert "SlurmLauncher" in r.stdout and "partition: gpu" in r.stdout and "gpus_per_node: 1" in r.stdout
 
 
-def test_a_key_that_cannot_change_a_result_stays_out_of_the_run_dir_name():
-    """Else a rerun with `trainer.fused_adamw=false` (or another thread count) lands in a new dir and trains again
-    instead of finding its completed cell."""
-    from omegaconf import OmegaConf
+def test_a_sweep_dir_is_named_by_the_overrides_that_can_change_a_result():
+    """Else a rerun with `trainer.fused_adamw=false` (or a wandb project) lands in a new dir and trains again instead
+    of finding its completed cell; and every committed result dir keeps the name it ran under."""
+    import yaml
 
-    from sparse_peft.runio import VOLATILE
+    from sparse_peft.runio import run_dirname
 
-    excluded = set(OmegaConf.load(CONFIGS / "config.yaml").hydra.job.config.override_dirname.exclude_keys)
-    volatile = {f"{node}.{k}" for node, keys in VOLATILE.items() if keys for k in keys}
-    assert volatile <= excluded, sorted(volatile - excluded)
+    cell = ["trainer.lr=5e-4", "method=lora", "task=glue/rte"]
+    assert run_dirname(cell) == "method=lora,task=glue-rte,trainer.lr=5e-4"
+    assert run_dirname([*cell, "+experiment=pst_glue", "trainer.fused_adamw=false", "trainer.num_threads=1",
+                        "logger.wandb.project=x", "data.num_workers=2", "data.root=/d"]) == run_dirname(cell)
+    assert run_dirname([*cell, "trainer.epochs=6"]) != run_dirname(cell)
+    assert run_dirname([*cell, "data.max_train_samples=16"]) != run_dirname(cell)
+    assert run_dirname([]) == "default"
+    committed = list((REPO / "results").rglob("overrides.yaml"))  # <run>/.hydra/overrides.yaml or <run>/overrides.yaml
+    assert len(committed) > 100
+    for p in committed:
+        run = p.parent.parent if p.parent.name == ".hydra" else p.parent
+        assert run_dirname(yaml.safe_load(p.read_text())) == run.name, run
 
 
 PRESETS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
