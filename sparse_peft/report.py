@@ -54,7 +54,7 @@ def collect(*roots: Path) -> tuple[list[dict], list[Path]]:
     for cfg in (c for root in roots for c in sorted(root.rglob("config.yaml"))):
         run_dir = cfg.parent
         key = run_dir.resolve()
-        if run_dir.name == ".hydra" or key in seen:
+        if run_dir.name in (".hydra", ".hydra_launch") or key in seen:
             continue
         seen.add(key)
         try:

@@ -171,7 +171,20 @@ def prepare_output_dir(trainer_cfg, cfg) -> tuple[Path, Optional[dict]]:
                             f"{'s' if len(diff) == 1 else ''}); re-run with its config to resume it, or pass "
                             f"trainer.overwrite=true to discard it and start fresh")
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    keep_launch_record()
     return out, None
+
+
+def keep_launch_record() -> None:
+    """Copy this launch's Hydra record (`hydra.output_subdir`) to `.hydra/` beside it: only a launch that trains
+    does, so a relaunched sweep leaves its completed jobs' records as they were."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or HydraConfig.get().output_subdir in (None, ".hydra"):
+        return
+    launch = Path(HydraConfig.get().runtime.output_dir) / HydraConfig.get().output_subdir
+    if launch.is_dir():
+        shutil.copytree(launch, launch.parent / ".hydra", dirs_exist_ok=True)
 
 
 def discard_failed_start(out: Path) -> None:

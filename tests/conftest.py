@@ -50,7 +50,7 @@ def write_tiny_glue(root: Path, rows: int = 40) -> Path:
 
 
 def hydra_outputs() -> set[Path]:
-    return {p for d in ("outputs", "multirun") for p in (REPO / d).glob("**/.hydra")}
+    return {p for d in ("outputs", "multirun") for p in (REPO / d).glob("**/.hydra*")}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -62,15 +62,19 @@ def test_multirun_gives_each_job_its_own_dir_and_reruns_only_missing_jobs(tmp_pa
     # dirs are named by the overrides, so the same sweep finds its jobs again
     job = "method.sparse_lambda=0.1,method=sora,model=tiny_bert,trainer.batch_size=8,trainer.max_steps=1,trainer.seed=2"
     assert (tmp_path / job / "metrics.json").exists()  # data.root, logger, progress bar: not part of the name
-    before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/metrics.json")}
+    before = {p: p.stat().st_mtime_ns for p in [*tmp_path.glob("*/metrics.json"), *tmp_path.glob("*/.hydra/*")]}
+    assert len(before) == 4 * 4  # metrics.json and Hydra's record (config, hydra, overrides) of each job
 
     r = sweep(tmp_path, tiny_glue, "method=sora", "method.sparse_lambda=0.01,0.1", "trainer.seed=1,2,3", "--dry-run")
     assert r.returncode == 0 and r.stdout.count("[dry-run] complete, skipped") == 4, r.stdout + r.stderr[-2000:]
     assert r.stdout.count("[dry-run] would run") == 2 and len(list(tmp_path.glob("*/metrics.json"))) == 4
 
-    r = sweep(tmp_path, tiny_glue, "method=sora", "method.sparse_lambda=0.01,0.1", "trainer.seed=1,2,3")
+    r = sweep(tmp_path, tiny_glue, "method=sora", "method.sparse_lambda=0.01,0.1", "trainer.seed=1,2,3",
+              "logger.wandb.project=x")  # a key that cannot change a result: the same cells
     assert r.returncode == 0 and r.stdout.count("complete, skipped") == 4, r.stderr[-2000:]
-    assert {p: p.stat().st_mtime_ns for p in before} == before  # completed jobs untouched
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # completed jobs untouched, their .hydra/ record too
+    assert "logger.wandb.project=x" in (tmp_path / job / ".hydra_launch" / "overrides.yaml").read_text()
+    assert "logger.wandb.project=x" not in (tmp_path / job / ".hydra" / "overrides.yaml").read_text()
     assert len(list(tmp_path.glob("*/metrics.json"))) == 6
 
     # A completed dir whose config differs (here: a default changed under it) is an error, not a silent skip.
