@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,15 @@ def shared_data() -> Path:
 def make_cfg(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
+
+
+def train_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m sparse_peft.train ARGS` from the repo, offline; `env` sets variables (None unsets one)."""
+    full = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    for k, v in (env or {}).items():
+        full.pop(k) if v is None else full.__setitem__(k, v)
+    return subprocess.run([sys.executable, "-m", "sparse_peft.train", *args], cwd=REPO, env=full, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def fast_overrides(tmp_path: Path, data_root: Path, *extra: str) -> list[str]:

@@ -7,12 +7,10 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, fast_overrides, make_cfg
+from conftest import REPO, fast_overrides, make_cfg, train_cli
 from sparse_peft import UserError
 from sparse_peft.train import train
 
@@ -148,9 +146,7 @@ def error_line(tmp_path, tiny_glue, overrides, setup) -> tuple[str, int, str]:
     data = setup(tiny_glue, tmp_path / "data") if setup else tiny_glue
     out = tmp_path / "out"
     args = [*fast_overrides(out, data, *overrides), f"hydra.run.dir={tmp_path / 'hydra'}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    r = subprocess.run([sys.executable, "-m", "sparse_peft.train", *args], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=600)
+    r = train_cli(*args)
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
     line = lines[-1] if lines else ""
     return line.replace(str(data), "<data>").replace(str(out), "<out>"), r.returncode, r.stderr

@@ -1,21 +1,15 @@
 """Bad input through the real command line: one clear line, non-zero exit, no metrics.json."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import train_cli
 
 
-def cli(tmp_path, *args, env_extra=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env_extra or {})}
-    env.pop("SPARSE_PEFT_DATA", None)
-    return subprocess.run([sys.executable, "-m", "sparse_peft.train", f"hydra.run.dir={tmp_path / 'hydra'}",
-                           f"trainer.output_dir={tmp_path / 'out'}", "logger.wandb.mode=disabled", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+def cli(tmp_path, *args):
+    return train_cli(f"hydra.run.dir={tmp_path / 'hydra'}", f"trainer.output_dir={tmp_path / 'out'}",
+                     "logger.wandb.mode=disabled", *args, env={"SPARSE_PEFT_DATA": None}, timeout=300)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -46,11 +40,9 @@ def test_cli_runs_and_refuses_a_completed_dir(tmp_path, tiny_glue):
 
 
 def sweep(tmp_path, tiny_glue, *args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "sparse_peft.train", "-m", f"hydra.sweep.dir={tmp_path}", "model=tiny_bert",
-                           f"data.root={tiny_glue}", "trainer.max_steps=1", "trainer.batch_size=8",
-                           "trainer.progress_bar=false", "logger.wandb.mode=disabled", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return train_cli("-m", f"hydra.sweep.dir={tmp_path}", "model=tiny_bert", f"data.root={tiny_glue}",
+                     "trainer.max_steps=1", "trainer.batch_size=8", "trainer.progress_bar=false",
+                     "logger.wandb.mode=disabled", *args, timeout=300)
 
 
 def test_multirun_gives_each_job_its_own_dir_and_reruns_only_missing_jobs(tmp_path, tiny_glue):

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import sparse_peft.runio as runio
-from conftest import REPO, Crash, crash_at, fast_overrides, make_cfg
+from conftest import REPO, Crash, crash_at, fast_overrides, make_cfg, train_cli
 from sparse_peft import UserError
 from sparse_peft.train import train
 
@@ -80,15 +80,11 @@ def test_non_finite_weights_are_never_saved(tmp_path, tiny_glue, monkeypatch):
     assert json.loads((out / "checkpoints" / "last" / "state.json").read_text())["step"] == 2
 
 
-def cli(out, data, *args, env_extra=None, wait=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env_extra or {})}
-    cmd = [sys.executable, "-m", "sparse_peft.train", "model=tiny_bert", f"data.root={data}",
-           f"trainer.output_dir={out}", f"hydra.run.dir={out.parent / 'hydra'}", "trainer.batch_size=8",
-           "trainer.progress_bar=false", "trainer.num_threads=1", "logger.wandb.mode=disabled",
-           f"data.cache_dir={out.parent / 'tok_cache'}", *args]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def cli(out, data, *args, env=None):
+    return train_cli("model=tiny_bert", f"data.root={data}", f"trainer.output_dir={out}",
+                     f"hydra.run.dir={out.parent / 'hydra'}", "trainer.batch_size=8", "trainer.progress_bar=false",
+                     "trainer.num_threads=1", "logger.wandb.mode=disabled",
+                     f"data.cache_dir={out.parent / 'tok_cache'}", *args, env=env)
 
 
 def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, tiny_glue):
@@ -148,7 +144,7 @@ def kill_and_resume(tmp_path, data, point: str, *args):
     ref = cli(tmp_path / "ref", data, *args)
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "killed"
-    killed = cli(out, data, *args, env_extra={"SPARSE_PEFT_CRASH_AT": point})
+    killed = cli(out, data, *args, env={"SPARSE_PEFT_CRASH_AT": point})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     resumed = cli(out, data, *args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -185,19 +181,17 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_glue,
 
 @pytest.mark.slow
 def test_a_killed_sweep_job_reruns_once_and_nothing_is_shared_or_doubled(tmp_path, tiny_glue):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "sparse_peft.train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-           f"hydra.sweep.dir={sweep}", "model=tiny_bert", f"data.root={tiny_glue}", "trainer.max_steps=4",
-           "trainer.save_every=1", "trainer.eval_every=1", "trainer.batch_size=8", "trainer.progress_bar=false",
-           "trainer.num_threads=1", "logger.wandb.mode=disabled", "method=lora,bitfit", "trainer.seed=1,2,3,4"]
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}", "model=tiny_bert",
+            f"data.root={tiny_glue}", "trainer.max_steps=4", "trainer.save_every=1", "trainer.eval_every=1",
+            "trainer.batch_size=8", "trainer.progress_bar=false", "trainer.num_threads=1", "logger.wandb.mode=disabled",
+            "method=lora,bitfit", "trainer.seed=1,2,3,4"]
     victim = "method=bitfit,model=tiny_bert,trainer.batch_size=8,trainer.eval_every=1,trainer.max_steps=4,trainer.save_every=1,trainer.seed=3"
-    first = subprocess.run(cmd, cwd=REPO, env={**env, "SPARSE_PEFT_CRASH_AT": f"step2@{victim}"},
-                           capture_output=True, text=True, timeout=900)
+    first = train_cli(*args, env={"SPARSE_PEFT_CRASH_AT": f"step2@{victim}"}, timeout=900)
     assert first.returncode != 0  # the killed worker fails the sweep
     assert not (sweep / victim / "metrics.json").exists()
     completed_first = len(list(sweep.glob("*/metrics.json")))
-    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    second = train_cli(*args, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("complete, skipped") == completed_first < 8  # completed jobs are not run again
     jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))

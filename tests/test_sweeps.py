@@ -1,20 +1,11 @@
 """Sweeps through Hydra's launchers (joblib: 2 parallel jobs; submitit_local: the SLURM code path), the SLURM
 launcher config, and the experiment presets."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import CONFIGS, REPO, make_cfg
+from conftest import CONFIGS, REPO, make_cfg, train_cli
 from sparse_peft.config import apply_presets, load_run_config
-
-
-def train_cli(*args, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "sparse_peft.train", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
