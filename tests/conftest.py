@@ -83,9 +83,8 @@ def make_cfg(overrides: list[str]):
 
 def train_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m sparse_peft.train ARGS` from the repo, offline; `env` sets variables (None unsets one)."""
-    full = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    for k, v in (env or {}).items():
-        full.pop(k) if v is None else full.__setitem__(k, v)
+    full = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env or {})}
+    full = {k: v for k, v in full.items() if v is not None}
     return subprocess.run([sys.executable, "-m", "sparse_peft.train", *args], cwd=REPO, env=full, capture_output=True,
                           text=True, timeout=timeout)
 
